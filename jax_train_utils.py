@@ -1,0 +1,259 @@
+"""
+Training pieces for train_jax.py: devices and mesh, the batch loader, the optimizer and its
+learning rate schedule, the jitted train and eval steps, and checkpoints.
+"""
+
+import math
+import os
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jax_transformer import GPT
+
+# -----------------------------------------------------------------------------
+# devices
+
+# Dense bfloat16 peak FLOP/s of one device, matched against jax's device_kind (lower case).
+# CPU: what XLA reaches on large float32 matrix products, per core (a 2-core AVX-512 machine
+# measured ~200 GFLOP/s on 2048^3); pass --peak_flops for your machine.
+PEAK_FLOPS = [
+    ('h200', 989e12), ('h100 pcie', 756e12), ('h100', 989e12), ('gh200', 989e12),
+    ('a100', 312e12), ('a10g', 70e12), ('l40s', 362e12), ('l4', 121e12),
+    ('rtx 4090', 165e12), ('rtx 3090', 71e12), ('v100', 125e12), ('t4', 65e12),
+    ('tpu v6', 918e12), ('tpu v5p', 459e12), ('tpu v5 lite', 197e12), ('tpu v5e', 197e12),
+    ('tpu v4', 275e12), ('tpu v3', 123e12), ('tpu v2', 45e12),
+]
+CPU_PEAK_FLOPS_PER_CORE = 100e9
+
+
+def device_peak_flops(device):
+    """Peak FLOP/s of one jax device, from PEAK_FLOPS; None when the device is unknown."""
+    if device.platform == 'cpu':
+        return CPU_PEAK_FLOPS_PER_CORE * (os.cpu_count() or 1) / jax.local_device_count()
+    kind = device.device_kind.lower()
+    return next((flops for name, flops in PEAK_FLOPS if name in kind), None)
+
+
+def configure_devices(device, batch_size):
+    """Call before anything touches a device. device 'cpu' forces the CPU; any other value
+    ('cuda', 'tpu', ...) leaves JAX its default backend: the GPUs/TPUs when present, else the CPU.
+    On CPU each core becomes a JAX device sharing the batch (unless XLA_FLAGS already sets a
+    device count), which is faster than one device on all cores."""
+    if device == 'cpu':
+        jax.config.update('jax_platforms', 'cpu')
+    if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+        cores = os.cpu_count() or 1
+        jax.config.update('jax_num_cpu_devices', max(d for d in range(1, cores + 1) if batch_size % d == 0))
+
+
+def make_mesh():
+    """A 1-D mesh named 'data' over every device of every process. Auto axes let XLA propagate
+    shardings (an embedding gather on a batch-sharded input needs no annotations)."""
+    return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def data_parallel_size():
+    """How many data parallel workers nanoGPT would count (its DDP world size): one per GPU/TPU
+    device, or one per process on CPU, where the devices are the cores of one machine that
+    share the process's batch."""
+    if jax.default_backend() == 'cpu':
+        return jax.process_count()
+    return jax.device_count()
+
+
+def resolve_dtype(dtype):
+    """The compute dtype name: 'auto' is bfloat16 on GPU/TPU and float32 on CPU."""
+    if dtype == 'auto':
+        return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+    if dtype == 'float16':
+        raise ValueError("dtype 'float16' needs loss scaling, which this port does not do: "
+                         "use --dtype=bfloat16 (GPU/TPU) or --dtype=float32")
+    if dtype not in ('float32', 'bfloat16'):
+        raise ValueError(f"unknown dtype {dtype!r}: use 'float32', 'bfloat16' or 'auto'")
+    return dtype
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def get_batch(data_path, rng, n, block_size):
+    """n random windows of the uint16 token file: x (n, T) and the next tokens y (n, T), int32.
+    The memmap is re-opened on every call, as in nanoGPT, to keep its pages from piling up."""
+    data = np.memmap(data_path, dtype=np.uint16, mode='r')
+    ix = rng.integers(0, len(data) - block_size, size=n)
+    x = np.stack([data[i:i + block_size] for i in ix]).astype(np.int32)
+    y = np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int32)
+    return x, y
+
+
+def batch_rng(seed, iter_num, stream):
+    """The NumPy generator for one iteration's batches of one process. Being a pure function of
+    (seed, process, iteration, stream) it makes resume exact and multi-host safe; stream 0 is
+    training, 1 and 2 are the train and val evaluation batches."""
+    return np.random.default_rng([seed, jax.process_index(), iter_num, stream])
+
+
+def shard_batch(mesh, x, y, n_steps):
+    """Global device arrays (n_steps, B, T) from this process's rows (n_steps * b, T), split
+    along the batch axis over the mesh's 'data' axis."""
+    sharding = NamedSharding(mesh, P(None, 'data'))
+    def put(a):
+        a = a.reshape(n_steps, -1, a.shape[-1])
+        global_shape = (n_steps, a.shape[1] * jax.process_count(), a.shape[2])
+        return jax.make_array_from_process_local_data(sharding, a, global_shape)
+    return put(x), put(y)
+
+
+# -----------------------------------------------------------------------------
+# optimizer
+
+def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
+    """nanoGPT's schedule: linear warmup, cosine decay down to min_lr, then min_lr.
+    Works on Python numbers and on traced step counts."""
+    warmup = learning_rate * (it + 1) / (warmup_iters + 1)
+    decay_ratio = (it - warmup_iters) / max(lr_decay_iters - warmup_iters, 1)
+    coeff = 0.5 * (1.0 + jnp.cos(math.pi * jnp.clip(decay_ratio, 0.0, 1.0)))
+    cosine = min_lr + coeff * (learning_rate - min_lr)
+    return jnp.where(it < warmup_iters, warmup, jnp.where(it > lr_decay_iters, min_lr, cosine))
+
+
+def decay_mask(params):
+    """Weight decay on every parameter of 2 or more dims (matmul weights, embeddings),
+    none on biases and LayerNorm parameters."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def configure_optimizer(params, learning_rate, weight_decay, beta1, beta2, grad_clip,
+                        decay_lr, warmup_iters, lr_decay_iters, min_lr):
+    """AdamW with nanoGPT's weight decay mask and schedule, after global-norm clipping
+    (grad_clip 0 disables it). The schedule reads the optimizer's own step count, so it
+    resumes with the optimizer state."""
+    mask = decay_mask(params)
+    sizes = [(p.size, m) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))]
+    for decayed, name in ((True, 'decayed'), (False, 'non-decayed')):
+        n = [s for s, m in sizes if m == decayed]
+        print(f"num {name} parameter tensors: {len(n)}, with {sum(n):,} parameters")
+    if decay_lr:
+        schedule = lambda count: get_lr(count, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    else:
+        schedule = learning_rate
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip) if grad_clip > 0.0 else optax.identity(),
+        optax.adamw(schedule, b1=beta1, b2=beta2, eps=1e-8, weight_decay=weight_decay, mask=mask),
+    )
+
+
+def create_train_state(config, params, tx):
+    return train_state.TrainState.create(apply_fn=GPT(config).apply, params=params, tx=tx)
+
+
+# -----------------------------------------------------------------------------
+# steps
+
+def loss_fn(params, apply_fn, x, y, dropout_key):
+    deterministic = dropout_key is None
+    rngs = None if deterministic else {'dropout': dropout_key}
+    _, loss = apply_fn({'params': params}, x, y, deterministic=deterministic, rngs=rngs)
+    return loss
+
+
+@jax.jit
+def eval_loss(state, x, y):
+    """Mean loss over batches x, y (n, B, T), dropout off."""
+    losses = jax.lax.map(lambda b: loss_fn(state.params, state.apply_fn, b[0], b[1], None), (x, y))
+    return jnp.mean(losses)
+
+
+def _train_step(state, x, y, dropout_key):
+    """One optimizer step over the micro-batches x, y (GA, B, T): the gradient is the mean of the
+    micro-steps' gradients (nanoGPT's loss / gradient_accumulation_steps), then clipped and applied
+    by the optimizer. Returns the new state and the mean loss."""
+    grad_fn = jax.value_and_grad(loss_fn)
+    dropout_key = jax.random.fold_in(dropout_key, state.step)
+
+    def micro_step(grads, inputs):
+        i, xb, yb = inputs
+        key = jax.random.fold_in(dropout_key, i)
+        loss, g = grad_fn(state.params, state.apply_fn, xb, yb, key)
+        return jax.tree.map(jnp.add, grads, g), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, losses = jax.lax.scan(micro_step, zeros, (jnp.arange(x.shape[0]), x, y))
+    grads = jax.tree.map(lambda g: g / x.shape[0], grads)
+    return state.apply_gradients(grads=grads), jnp.mean(losses)
+
+
+train_step = jax.jit(_train_step, donate_argnums=0)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def checkpoint_manager(out_dir):
+    """An orbax CheckpointManager keeping the latest checkpoint of out_dir. Each save is written
+    to a temporary folder and renamed when complete, and the previous one is deleted only then,
+    so out_dir always holds a restorable checkpoint."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    return ocp.CheckpointManager(os.path.abspath(out_dir), options=options)
+
+
+def save_checkpoint(manager, state, meta):
+    """Save params, optimizer state and the JSON metadata (model_args, iter_num, best_val_loss,
+    config) as separate items, so sampling can read the params alone."""
+    manager.save(meta['iter_num'], args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
+        meta=ocp.args.JsonSave(meta)))
+
+
+def restore_meta(manager):
+    """The metadata of the latest checkpoint, or None when there is none."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+
+def with_sharding(abstract, sharding):
+    """abstract (a tree of shapes and dtypes) with every leaf placed by sharding."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
+
+
+def restore_params(manager, abstract_params, sharding):
+    """The latest checkpoint's params, placed by sharding."""
+    args = ocp.args.Composite(params=ocp.args.StandardRestore(with_sharding(abstract_params, sharding)))
+    return manager.restore(manager.latest_step(), args=args)['params']
+
+
+def restore_train_state(manager, abstract_state, iter_num, sharding):
+    """The latest checkpoint's params and optimizer state in a train state at step iter_num."""
+    abstract_state = with_sharding(abstract_state, sharding)
+    args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_state.params),
+                              opt_state=ocp.args.StandardRestore(abstract_state.opt_state))
+    restored = manager.restore(manager.latest_step(), args=args)
+    return abstract_state.replace(step=jnp.asarray(iter_num, jnp.int32), params=restored['params'],
+                                  opt_state=restored['opt_state'])
+
+
+# -----------------------------------------------------------------------------
+# processes
+
+def init_distributed():
+    """Join the other processes of a multi-host run, when there is one. Set JAX_COORDINATOR_ADDRESS
+    (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host, or run under
+    SLURM, Open MPI or a Cloud TPU pod, whose settings jax reads itself."""
+    env = os.environ
+    if 'JAX_NUM_PROCESSES' in env:
+        if jax.config.jax_platforms == 'cpu':
+            jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+        jax.distributed.initialize(coordinator_address=env.get('JAX_COORDINATOR_ADDRESS'),
+                                   num_processes=int(env['JAX_NUM_PROCESSES']),
+                                   process_id=int(env['JAX_PROCESS_ID']))
+    elif int(env.get('SLURM_NTASKS', 1)) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', 1)) > 1 \
+            or ',' in env.get('TPU_WORKER_HOSTNAMES', ''):
+        jax.distributed.initialize()

@@ -1,0 +1,94 @@
+"""
+Sample from a trained model
+$ python sample_jax.py --out_dir=out-shakespeare-char
+"""
+import os
+import sys
+import pickle
+
+from configurator import configure, die
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # either 'resume' (from an out_dir) or a gpt2 variant (e.g. 'gpt2-xl')
+out_dir = 'out'  # ignored if init_from is not 'resume'
+start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
+num_samples = 10  # number of samples to draw
+max_new_tokens = 500  # number of tokens generated in each sample
+temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, in the predictions
+top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability
+seed = 1337
+device = 'cuda'  # 'cpu' forces the CPU; any other value uses the GPU/TPU when present, else the CPU
+dtype = 'auto'  # 'float32' or 'bfloat16' compute ('auto': bfloat16 on GPU/TPU, float32 on CPU)
+compile = False  # ignored: sampling is always compiled with XLA, once
+# -----------------------------------------------------------------------------
+configure(globals(), sys.argv[1:])
+# -----------------------------------------------------------------------------
+if init_from != 'resume':
+    die(f"init_from={init_from!r} is not supported yet, use 'resume'")
+if not os.path.isdir(out_dir):
+    die(f"out_dir {out_dir!r} does not exist")
+if num_samples < 1 or max_new_tokens < 1 or temperature <= 0 or top_k < 1:
+    die("num_samples, max_new_tokens, temperature and top_k must be positive")
+
+import jax
+import jax.numpy as jnp
+import tiktoken
+
+import jax_train_utils as tu
+from jax_transformer import GPTConfig, init_params, generate
+
+tu.configure_devices(device, 1)
+try:
+    dtype = tu.resolve_dtype(dtype)
+except ValueError as e:
+    die(str(e))
+
+# model
+manager = tu.checkpoint_manager(out_dir)
+checkpoint = tu.restore_meta(manager)
+if checkpoint is None:
+    die(f"no checkpoint in out_dir {out_dir!r}")
+model_args = checkpoint['model_args']
+config = GPTConfig(**model_args, dtype=dtype)
+abstract_params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+params = tu.restore_params(manager, abstract_params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+# look for the meta pickle in case it is available in the dataset folder
+load_meta = False
+if 'config' in checkpoint and 'dataset' in checkpoint['config']:
+    meta_path = os.path.join(checkpoint['config'].get('data_root', 'data'), checkpoint['config']['dataset'], 'meta.pkl')
+    load_meta = os.path.exists(meta_path)
+if load_meta:
+    print(f"Loading meta from {meta_path}...")
+    with open(meta_path, 'rb') as f:
+        meta = pickle.load(f)
+    stoi, itos = meta['stoi'], meta['itos']
+    encode = lambda s: [stoi[c] for c in s]
+    decode = lambda l: ''.join([itos[i] for i in l])
+else:
+    # ok let's assume gpt-2 encodings by default
+    print("No meta.pkl found, assuming GPT-2 encodings...")
+    enc = tiktoken.get_encoding("gpt2")
+    encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
+    decode = lambda l: enc.decode([i for i in l if i < enc.n_vocab])  # the padded vocab's extra ids are not text
+
+# encode the beginning of the prompt
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], 'r', encoding='utf-8') as f:
+            start = f.read()
+    except OSError as e:
+        die(f"cannot read the prompt file {start[5:]}: {e.strerror}")
+try:
+    start_ids = encode(start)
+except KeyError as e:
+    die(f"the start text has a character the model's vocabulary does not: {e.args[0]!r}")
+if not start_ids:
+    die("the start text is empty")
+
+# run generation: all samples as one batch, compiled once
+x = jnp.tile(jnp.array(start_ids, dtype=jnp.int32)[None, :], (num_samples, 1))
+y = generate(params, config, x, jax.random.key(seed), max_new_tokens, temperature, top_k)
+for row in jax.device_get(y):
+    print(decode(row.tolist()))
+    print('---------------')

@@ -1,0 +1,186 @@
+"""
+Tests for data/*/prepare.py: run each script on the offline copies of its
+input (see shared/data/README.md) into a temp dir, and check the output is
+byte-identical to what nanoGPT's own prepare.py scripts write.
+
+$ python -m pytest test_data.py -q
+"""
+import os
+import sys
+import json
+import pickle
+import hashlib
+import subprocess
+import importlib.util
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.environ.get('NANOGPT_SHARED_DATA', os.path.join(REPO, '..', 'shared', 'data'))
+SHAKESPEARE = os.path.join(SHARED, 'tinyshakespeare', 'input.txt')
+TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken_cache')
+OWT_JSONL = os.path.join(SHARED, 'owt_sample', 'sample.jsonl')
+OWT_TXT = os.path.join(SHARED, 'owt_sample', 'txt')
+
+if not os.path.exists(SHAKESPEARE):
+    pytest.skip(f"offline data not found at {SHARED} (set NANOGPT_SHARED_DATA)", allow_module_level=True)
+
+# sha256 of the train.bin/val.bin written by nanoGPT's own data/*/prepare.py
+# (karpathy/nanoGPT) on this input: shared/data/tinyshakespeare/input.txt for the
+# two shakespeare datasets, and shared/data/owt_sample/sample.jsonl loaded with
+# load_dataset("json", ...) in place of load_dataset("openwebtext") for openwebtext
+# (with its 1024 write shards capped at the number of documents, which does not change the bytes).
+NANOGPT_SHA256 = {
+    'shakespeare_char': {
+        'train.bin': '6ec305602a99ac2802745a134e1f5e33e2231b4855525b00b9aebb730ac2626f',
+        'val.bin': 'd37d30cc0c8327c270d493299c3dca54135f6d5f1c9ef60cda78076e311204b1',
+    },
+    'shakespeare': {
+        'train.bin': '502a2bdc8210d1ac5d5674867cb74467dd31db575d25cf6dbb08c8bdbea8680f',
+        'val.bin': '68a53422394c26a655ebe641f5c6f49888e8f4e45fe5d6f02abda63ba3ebd65b',
+    },
+    'openwebtext': {
+        'train.bin': 'b400f4c62ab69a588bb209ffff95131a41596803dba43d690b3c0e6b9b66f882',
+        'val.bin': '295ca9f499bbe86cc4b70e37741c34a8d3bc66018d60fe0ce6a5cbf30c2eac0e',
+    },
+}
+EOT = 50256
+
+
+def env(tmp_path):
+    e = dict(os.environ)
+    e['TIKTOKEN_CACHE_DIR'] = TIKTOKEN_CACHE
+    e['HF_DATASETS_OFFLINE'] = '1'
+    e['HF_HUB_OFFLINE'] = '1'
+    e['HF_DATASETS_CACHE'] = str(tmp_path / 'hf_cache')  # keep the user's HF cache clean
+    return e
+
+
+def run_prepare(name, tmp_path, *args):
+    script = os.path.join(REPO, 'data', name, 'prepare.py')
+    p = subprocess.run([sys.executable, script, *args], env=env(tmp_path),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def sha256(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def check_bins(name, out_dir):
+    for fname, digest in NANOGPT_SHA256[name].items():
+        assert sha256(os.path.join(out_dir, fname)) == digest, f"{name}/{fname} differs from nanoGPT's"
+
+
+def load_bin(path):
+    # the bins carry no header: raw uint16, so the size is 2 bytes per token
+    ids = np.fromfile(path, dtype=np.uint16)
+    assert os.path.getsize(path) == 2 * len(ids)
+    return ids
+
+
+def test_shakespeare_char(tmp_path):
+    out = tmp_path / 'out'
+    stdout = run_prepare('shakespeare_char', tmp_path, f'--input={SHAKESPEARE}', f'--out_dir={out}')
+    for line in ["length of dataset in characters: 1,115,394", "vocab size: 65",
+                 "train has 1,003,854 tokens", "val has 111,540 tokens"]:
+        assert line in stdout
+    train, val = load_bin(out / 'train.bin'), load_bin(out / 'val.bin')
+    assert len(train) == 1_003_854 and len(val) == 111_540
+    check_bins('shakespeare_char', out)
+
+    with open(out / 'meta.pkl', 'rb') as f:
+        meta = pickle.load(f)
+    with open(SHAKESPEARE, encoding='utf-8') as f:
+        text = f.read()
+    chars = sorted(set(text))
+    assert meta['vocab_size'] == 65 == len(chars)
+    assert meta['itos'] == dict(enumerate(chars))
+    assert meta['stoi'] == {ch: i for i, ch in enumerate(chars)}
+    assert all(meta['stoi'][ch] == i for i, ch in meta['itos'].items())
+    decoded = ''.join(meta['itos'][int(i)] for i in np.concatenate([train, val]))
+    assert decoded == text
+
+
+def test_shakespeare_bpe(tmp_path):
+    out = tmp_path / 'out'
+    stdout = run_prepare('shakespeare', tmp_path, f'--input={SHAKESPEARE}', f'--out_dir={out}')
+    assert "train has 301,966 tokens" in stdout and "val has 36,059 tokens" in stdout
+    assert len(load_bin(out / 'train.bin')) == 301_966
+    assert len(load_bin(out / 'val.bin')) == 36_059
+    check_bins('shakespeare', out)
+
+
+def test_default_input_in_out_dir(tmp_path):
+    # with no --input, input.txt is read from the output folder (nanoGPT: next to the script)
+    # and only downloaded when missing; here it is present, so nothing is downloaded
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'input.txt').write_bytes(open(SHAKESPEARE, 'rb').read())
+    stdout = run_prepare('shakespeare_char', tmp_path, f'--out_dir={out}')
+    assert 'downloading' not in stdout
+    check_bins('shakespeare_char', out)
+
+
+def test_importable_prepare_and_download(tmp_path, monkeypatch):
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
+    spec = importlib.util.spec_from_file_location('shakespeare_prepare', os.path.join(REPO, 'data', 'shakespeare', 'prepare.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # the download helper, pointed at a file:// url instead of github
+    sys.path.insert(0, os.path.join(REPO, 'data'))
+    from tiny_shakespeare import download
+    download('file://' + os.path.abspath(SHAKESPEARE), str(tmp_path / 'input.txt'))
+    assert sha256(tmp_path / 'input.txt') == sha256(SHAKESPEARE)
+    assert mod.prepare(out_dir=str(tmp_path)) == (301_966, 36_059)
+    check_bins('shakespeare', tmp_path)
+
+
+def encoded_docs(texts):
+    tiktoken = pytest.importorskip('tiktoken')
+    os.environ.setdefault('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
+    enc = tiktoken.get_encoding('gpt2')
+    return [tuple(enc.encode_ordinary(t)) + (EOT,) for t in texts]
+
+
+def split_docs(ids):
+    # every document ends with EOT (and Shakespeare text never encodes to EOT itself)
+    assert len(ids) and ids[-1] == EOT
+    ends = np.flatnonzero(ids == EOT) + 1
+    return [tuple(int(x) for x in d) for d in np.split(ids, ends[:-1])]
+
+
+def check_owt(out, texts, n_train, n_val):
+    train, val = load_bin(out / 'train.bin'), load_bin(out / 'val.bin')
+    train_docs, val_docs = split_docs(train), split_docs(val)
+    assert len(train_docs) == n_train and len(val_docs) == n_val
+    # together the two splits hold each document exactly once, tokenized + EOT
+    assert sorted(train_docs + val_docs) == sorted(encoded_docs(texts))
+    return train, val
+
+
+def test_openwebtext_jsonl(tmp_path):
+    pytest.importorskip('datasets')
+    out = tmp_path / 'out'
+    run_prepare('openwebtext', tmp_path, f'--input={OWT_JSONL}', f'--out_dir={out}')
+    with open(OWT_JSONL, encoding='utf-8') as f:
+        texts = [json.loads(line)['text'] for line in f]
+    assert len(texts) == 301
+    # test_size=0.0005 of 301 documents rounds up to 1 val document
+    train, val = check_owt(out, texts, 300, 1)
+    assert len(train) == 336_875 and len(val) == 1_151
+    check_bins('openwebtext', out)
+
+
+def test_openwebtext_txt_folder(tmp_path):
+    pytest.importorskip('datasets')
+    out = tmp_path / 'out'
+    run_prepare('openwebtext', tmp_path, f'--input={OWT_TXT}', f'--out_dir={out}')
+    texts = []
+    for fname in sorted(os.listdir(OWT_TXT)):
+        with open(os.path.join(OWT_TXT, fname), encoding='utf-8') as f:
+            texts.append(f.read())
+    assert len(texts) == 20
+    check_owt(out, texts, 19, 1)
