@@ -3,6 +3,7 @@ Training pieces for train_jax.py: devices and mesh, the batch loader, the optimi
 learning rate schedule, the jitted train and eval steps, and checkpoints.
 """
 
+import functools
 import math
 import os
 
@@ -149,8 +150,15 @@ def configure_optimizer(params, learning_rate, weight_decay, beta1, beta2, grad_
     )
 
 
+@functools.lru_cache
+def model_apply(config):
+    """GPT(config).apply, the same object for equal configs so that jitted steps taking a train
+    state (apply_fn is a static field) compile once per config, not once per state."""
+    return GPT(config).apply
+
+
 def create_train_state(config, params, tx):
-    return train_state.TrainState.create(apply_fn=GPT(config).apply, params=params, tx=tx)
+    return train_state.TrainState.create(apply_fn=model_apply(config), params=params, tx=tx)
 
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pickle
 from configurator import configure, die
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # either 'resume' (from an out_dir) or a gpt2 variant (e.g. 'gpt2-xl')
+init_from = 'resume'  # either 'resume' (from an out_dir) or a gpt2 variant (e.g. 'gpt2-xl') or a Hugging Face GPT-2 folder
 out_dir = 'out'  # ignored if init_from is not 'resume'
 start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
 num_samples = 10  # number of samples to draw
@@ -23,9 +23,7 @@ compile = False  # ignored: sampling is always compiled with XLA, once
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
-if init_from != 'resume':
-    die(f"init_from={init_from!r} is not supported yet, use 'resume'")
-if not os.path.isdir(out_dir):
+if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")
 if num_samples < 1 or max_new_tokens < 1 or temperature <= 0 or top_k < 1:
     die("num_samples, max_new_tokens, temperature and top_k must be positive")
@@ -35,7 +33,7 @@ import jax.numpy as jnp
 import tiktoken
 
 import jax_train_utils as tu
-from jax_transformer import GPTConfig, init_params, generate
+from jax_transformer import GPTConfig, init_params, generate, from_pretrained
 
 tu.configure_devices(device, 1)
 try:
@@ -44,18 +42,28 @@ except ValueError as e:
     die(str(e))
 
 # model
-manager = tu.checkpoint_manager(out_dir)
-checkpoint = tu.restore_meta(manager)
-if checkpoint is None:
-    die(f"no checkpoint in out_dir {out_dir!r}")
-model_args = checkpoint['model_args']
-config = GPTConfig(**model_args, dtype=dtype)
-abstract_params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-params = tu.restore_params(manager, abstract_params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+if init_from == 'resume':
+    manager = tu.checkpoint_manager(out_dir)
+    checkpoint = tu.restore_meta(manager)
+    if checkpoint is None:
+        die(f"no checkpoint in out_dir {out_dir!r}")
+    model_args = checkpoint['model_args']  # gelu_approximate too, when the checkpoint has it
+    config = GPTConfig(**model_args, dtype=dtype)
+    abstract_params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    params = tu.restore_params(manager, abstract_params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+else:
+    # init from a given GPT-2 model
+    try:
+        config, params = from_pretrained(init_from, dropout=0.0, dtype=dtype)
+    except ValueError as e:
+        die(str(e))
+    if config.vocab_size < 50257:
+        die(f"{init_from} has a vocab_size of {config.vocab_size}, too small for the GPT-2 encoding "
+            f"used with pretrained models: sample its checkpoint with --init_from=resume")
 
 # look for the meta pickle in case it is available in the dataset folder
 load_meta = False
-if 'config' in checkpoint and 'dataset' in checkpoint['config']:
+if init_from == 'resume' and 'config' in checkpoint and 'dataset' in checkpoint['config']:
     meta_path = os.path.join(checkpoint['config'].get('data_root', 'data'), checkpoint['config']['dataset'], 'meta.pkl')
     load_meta = os.path.exists(meta_path)
 if load_meta:

@@ -30,7 +30,7 @@ log_interval = 1
 eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
-init_from = 'scratch'  # 'scratch' or 'resume' or 'gpt2*'
+init_from = 'scratch'  # 'scratch' or 'resume' or 'gpt2*' or a Hugging Face GPT-2 folder
 # wandb logging
 wandb_log = False  # disabled by default
 wandb_project = 'owt'
@@ -72,8 +72,9 @@ config = {k: globals()[k] for k in config_keys(globals())}  # will be useful for
 # -----------------------------------------------------------------------------
 
 GPT2_MODELS = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
-if init_from not in ('scratch', 'resume') + GPT2_MODELS:
-    die(f"init_from={init_from!r}: use 'scratch', 'resume' or one of {', '.join(GPT2_MODELS)}")
+if init_from not in ('scratch', 'resume') + GPT2_MODELS and not os.path.isdir(init_from):
+    die(f"init_from={init_from!r}: use 'scratch', 'resume', one of {', '.join(GPT2_MODELS)} "
+        f"or an existing folder holding a Hugging Face GPT-2")
 if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"init_from='resume' but out_dir {out_dir!r} does not exist")
 
@@ -84,7 +85,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_train_utils as tu
-from jax_transformer import GPTConfig, init_params, count_params, crop_block_size, estimate_mfu
+from jax_transformer import GPTConfig, init_params, count_params, crop_block_size, estimate_mfu, from_pretrained
 
 tu.configure_devices(device, batch_size)
 tu.init_distributed()
@@ -108,6 +109,8 @@ if master_process:
     os.makedirs(out_dir, exist_ok=True)
 mesh = tu.make_mesh()
 replicated = NamedSharding(mesh, P())
+# XLA's CPU collectives can deadlock with several steps queued on several CPU devices: keep one in flight
+one_step_in_flight = jax.default_backend() == 'cpu' and len(devices) > 1
 
 # data: prepare the small datasets on first use
 data_dir = os.path.join(data_root, dataset)
@@ -143,7 +146,8 @@ if os.path.exists(meta_path):
 
 # model init
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                  bias=bias, vocab_size=None, dropout=dropout)  # start with model_args from command line
+                  bias=bias, vocab_size=None, dropout=dropout,
+                  gelu_approximate=False)  # start with model_args from command line
 manager = tu.checkpoint_manager(out_dir)
 ckpt_meta = tu.restore_meta(manager)
 if init_from != 'resume' and ckpt_meta is not None:
@@ -163,14 +167,24 @@ elif init_from == 'resume':
         die(f"init_from='resume' but {out_dir!r} holds no checkpoint")
     # force these config attributes to be equal otherwise we can't even resume training
     # the rest of the attributes (e.g. dropout) can stay as desired from command line
-    for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size']:
+    for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'gelu_approximate']:
         model_args[k] = ckpt_meta['model_args'][k]
     model_config = GPTConfig(**model_args, dtype=dtype)
     params = None  # restored below, with the optimizer state
     iter_num = ckpt_meta['iter_num']
     best_val_loss = ckpt_meta['best_val_loss']
 else:
-    die(f"init_from={init_from!r} is not supported yet")
+    print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
+    try:
+        model_config, params = from_pretrained(init_from, dropout=dropout, dtype=dtype)
+    except ValueError as e:
+        die(str(e))
+    if block_size > model_config.block_size:
+        die(f"block_size={block_size} is larger than the block_size {model_config.block_size} of {init_from}")
+    # read off the created config params, so we can store them into checkpoint correctly
+    for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'gelu_approximate']:
+        model_args[k] = getattr(model_config, k)
+    params = jax.device_put(params, replicated)
 
 # crop down the model block size if desired, using model surgery
 if block_size < model_config.block_size:
@@ -242,6 +256,8 @@ while True:
     state, loss = tu.train_step(state, x, y, dropout_key)
     # fetch the next batch while the device works on this step
     x, y = get_batch('train', iter_num + 1, gradient_accumulation_steps, 0)
+    if one_step_in_flight:
+        jax.block_until_ready(loss)
     iters_timed += 1
 
     # timing and logging

@@ -1,0 +1,162 @@
+"""Tests of jax_train_utils.py: LR schedule, weight decay mask, optimizer, accumulation, sharding."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+import jax_train_utils as tu
+from jax_transformer import GPTConfig, init_params, param_paths
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=True)
+
+
+def nanogpt_lr(it, learning_rate=6e-4, warmup_iters=2000, lr_decay_iters=600000, min_lr=6e-5):
+    # nanoGPT's get_lr, written out
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+@pytest.mark.parametrize('it', [0, 1, 999, 1999, 2000, 2001, 100000, 300000, 599999, 600000, 600001, 10**7])
+def test_lr_schedule_is_nanogpts(it):
+    assert float(tu.get_lr(it, 6e-4, 2000, 600000, 6e-5)) == pytest.approx(nanogpt_lr(it), rel=1e-6)
+
+
+def test_lr_schedule_inside_the_optimizer_follows_the_step():
+    """The optimizer's update at step `it` is scaled by get_lr(it): Adam's moments are zero and its
+    step counters set to `it`, so one unit gradient gives a known update (weight decay off)."""
+    params = {'w': jnp.ones((2, 2))}
+    tx = tu.configure_optimizer(params, 1e-3, 0.0, 0.9, 0.95, 0.0, True, 10, 100, 1e-4)
+    for it in range(0, 120, 7):
+        count_state = jax.tree.map(lambda x: jnp.full_like(x, it) if x.dtype == jnp.int32 else x, tx.init(params))
+        updates, _ = tx.update({'w': jnp.ones((2, 2))}, count_state, params)
+        lr = nanogpt_lr(it, 1e-3, 10, 100, 1e-4)
+        # with m, v at zero and bias correction of step it+1, the first moment/second moment ratio
+        # is (1-b1)/(1-b1^(it+1)) / sqrt((1-b2)/(1-b2^(it+1)))
+        ratio = (0.1 / (1 - 0.9 ** (it + 1))) / math.sqrt(0.05 / (1 - 0.95 ** (it + 1)))
+        np.testing.assert_allclose(np.array(updates['w']), -lr * ratio, rtol=1e-4)
+
+
+def test_weight_decay_on_exactly_the_matrices():
+    params = init_params(TINY, jax.random.key(0))
+    mask = tu.decay_mask(params)
+    decayed = {path for path, m in param_paths(mask) if m}
+    for path, p in param_paths(params):
+        assert (path in decayed) == (p.ndim >= 2), path
+    names = {'.'.join(p[-2:]) for p in decayed}
+    assert names == {'wte.embedding', 'wpe.embedding', 'c_attn.kernel', 'c_proj.kernel', 'c_fc.kernel'}
+
+
+
+def test_optimizer_matches_torch_adamw_with_clipping():
+    """Three steps of our optimizer against torch.optim.AdamW + clip_grad_norm_, nanoGPT's pair,
+    on the same parameters and gradients, with the parameter groups nanoGPT builds."""
+    torch = pytest.importorskip('torch')
+    rng = np.random.default_rng(0)
+    params = {'w': rng.normal(size=(4, 3)).astype(np.float32), 'b': rng.normal(size=(3,)).astype(np.float32)}
+    grads = [{k: (5 * rng.normal(size=v.shape)).astype(np.float32) for k, v in params.items()} for _ in range(3)]
+    lr, wd, clip = 1e-2, 0.1, 1.0
+    tx = tu.configure_optimizer(params, lr, wd, 0.9, 0.95, clip, False, 0, 0, 0.0)
+    p, opt_state = jax.tree.map(jnp.asarray, params), tx.init(params)
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    topt = torch.optim.AdamW([{'params': [tp['w']], 'weight_decay': wd}, {'params': [tp['b']], 'weight_decay': 0.0}],
+                             lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    for g in grads:
+        updates, opt_state = tx.update(jax.tree.map(jnp.asarray, g), opt_state, p)
+        p = jax.tree.map(jnp.add, p, updates)
+        for k in tp:
+            tp[k].grad = torch.tensor(g[k])
+        torch.nn.utils.clip_grad_norm_(tp.values(), clip)
+        topt.step()
+    for k in params:
+        np.testing.assert_allclose(np.array(p[k]), tp[k].detach().numpy(), atol=1e-6)
+
+
+def make_state(grad_clip=1.0):
+    params = init_params(TINY, jax.random.key(0))
+    tx = tu.configure_optimizer(params, 1e-3, 0.1, 0.9, 0.95, grad_clip, True, 2, 10, 1e-4)
+    return tu.create_train_state(TINY, params, tx)
+
+
+def random_batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, TINY.vocab_size, (n, TINY.block_size)).astype(np.int32)
+    y = rng.integers(0, TINY.vocab_size, (n, TINY.block_size)).astype(np.int32)
+    return x, y
+
+
+def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch():
+    x, y = random_batch(8)
+    key = jax.random.key(1)
+    big, big_loss = tu.train_step(make_state(), x[None], y[None], key)  # GA=1, B=8
+    acc, acc_loss = tu.train_step(make_state(), x.reshape(4, 2, -1), y.reshape(4, 2, -1), key)  # GA=4, B=2
+    assert abs(float(big_loss) - float(acc_loss)) < 1e-6
+    for (path, a), (_, b) in zip(param_paths(big.params), param_paths(acc.params)):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6, err_msg=str(path))
+    assert int(acc.step) == 1
+
+
+def test_dropout_is_keyed_by_step_and_off_in_eval():
+    config = GPTConfig(**{**TINY.__dict__, 'dropout': 0.5})
+    params = init_params(config, jax.random.key(0))
+    tx = tu.configure_optimizer(params, 1e-3, 0.1, 0.9, 0.95, 1.0, True, 2, 10, 1e-4)
+    x, y = random_batch(2)
+    fresh_state = lambda: tu.create_train_state(config, jax.tree.map(jnp.copy, params), tx)  # the step donates it
+    losses = [float(tu.train_step(fresh_state(), x[None], y[None], jax.random.key(k))[1]) for k in (0, 0, 1)]
+    assert losses[0] == losses[1] != losses[2]  # same key, same dropout; another key, another
+    state = tu.create_train_state(config, params, tx)
+    assert float(tu.eval_loss(state, x[None], y[None])) == float(tu.eval_loss(state, x[None], y[None]))
+
+
+def test_batches_are_windows_of_the_token_file(tmp_path):
+    data = np.arange(1000, dtype=np.uint16)
+    path = tmp_path / 'train.bin'
+    data.tofile(path)
+    x, y = tu.get_batch(str(path), tu.batch_rng(1337, 5, 0), 64, 16)
+    assert x.shape == y.shape == (64, 16) and x.dtype == np.int32
+    np.testing.assert_array_equal(y, x + 1)  # the targets are the next tokens
+    np.testing.assert_array_equal(x - x[:, :1], np.arange(16)[None].repeat(64, 0))
+    assert x.min() >= 0 and y.max() <= 999
+    x2, _ = tu.get_batch(str(path), tu.batch_rng(1337, 5, 0), 64, 16)
+    x3, _ = tu.get_batch(str(path), tu.batch_rng(1337, 6, 0), 64, 16)
+    assert np.array_equal(x, x2) and not np.array_equal(x, x3)
+
+
+MULTI_DEVICE = r'''
+import numpy as np, jax
+import jax_train_utils as tu
+import test_jax_train_utils as t
+assert jax.device_count() == 4
+mesh = tu.make_mesh()
+x, y = t.random_batch(16)
+state, loss = tu.train_step(t.make_state(), *tu.shard_batch(mesh, x, y, 2), jax.random.key(1))
+assert state.params['h_0']['attn']['c_attn']['kernel'].sharding.is_fully_replicated
+np.save('params.npy', np.concatenate([np.ravel(p) for p in jax.tree.leaves(state.params)]))
+print(float(loss), float(tu.eval_loss(state, *tu.shard_batch(mesh, x, y, 4))))
+'''
+
+
+def test_four_devices_give_the_single_device_result(tmp_path):
+    """The batch sharded over a 4-device mesh (CPU devices, in a subprocess) gives the same loss,
+    eval loss and updated parameters as one device."""
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
+               PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, '-c', MULTI_DEVICE], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    loss4, eval4 = map(float, out.stdout.splitlines()[-1].split())
+    x, y = random_batch(16)
+    state, loss = tu.train_step(make_state(), x.reshape(2, 8, -1), y.reshape(2, 8, -1), jax.random.key(1))
+    assert abs(loss4 - float(loss)) < 1e-6
+    assert abs(eval4 - float(tu.eval_loss(state, x.reshape(4, 4, -1), y.reshape(4, 4, -1)))) < 1e-6
+    flat = np.concatenate([np.ravel(p) for p in jax.tree.leaves(state.params)])
+    np.testing.assert_allclose(np.load(tmp_path / 'params.npy'), flat, atol=1e-6)

@@ -1,0 +1,146 @@
+"""Tests of jax_transformer.py: the model against Hugging Face's GPT-2, init, surgery, sampling."""
+import math
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from jax_transformer import (GPT, GPTConfig, init_params, count_params, crop_block_size, params_from_hf,
+                             param_paths, hf_name, generate, sample_token, flops_per_token)
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+TINY = GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=48, bias=True)
+
+
+@pytest.fixture(scope='module')
+def hf_and_params():
+    """A random tiny GPT-2 from transformers (exact GELU, as nanoGPT) and its weights in our model."""
+    cfg = transformers.GPT2Config(vocab_size=TINY.vocab_size, n_positions=TINY.block_size, n_embd=TINY.n_embd,
+                                  n_layer=TINY.n_layer, n_head=TINY.n_head, activation_function='gelu',
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(cfg).double().float().eval()
+    with torch.no_grad():  # random LayerNorm and bias values, so that every parameter matters
+        for name, p in hf.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith('ln_1.weight') or
+                                                       name.endswith('ln_2.weight') or
+                                                       name.endswith('ln_f.weight') else 0.0))
+    state_dict = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    return hf, params_from_hf(state_dict.__getitem__, TINY)
+
+
+def test_logits_loss_and_gradients_match_hugging_face(hf_and_params):
+    hf, params = hf_and_params
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, TINY.vocab_size, (3, TINY.block_size))
+    targets = rng.integers(0, TINY.vocab_size, (3, TINY.block_size))
+    targets[0, :7] = -1  # ignored positions
+
+    def loss_fn(p):
+        logits, loss = GPT(TINY).apply({'params': p}, jnp.array(idx), jnp.array(targets))
+        return loss, logits
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    hf.zero_grad()
+    hf_logits = hf(torch.tensor(idx)).logits
+    hf_loss = torch.nn.functional.cross_entropy(hf_logits.view(-1, TINY.vocab_size), torch.tensor(targets).view(-1),
+                                                ignore_index=-1)
+    hf_loss.backward()
+    np.testing.assert_allclose(np.array(logits), hf_logits.detach().numpy(), atol=1e-5, rtol=0)
+    assert abs(float(loss) - hf_loss.item()) < 1e-5
+    hf_grads = {n: p.grad.numpy() for n, p in hf.named_parameters()}
+    paths = param_paths(grads)
+    assert len(paths) == len(hf_grads)  # every HF parameter has its counterpart
+    for path, g in paths:
+        np.testing.assert_allclose(np.array(g), hf_grads[hf_name(path)], atol=1e-5, rtol=0, err_msg=str(path))
+
+
+def test_without_targets_only_the_last_position(hf_and_params):
+    _, params = hf_and_params
+    idx = jnp.array(np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 10)))
+    full, _ = GPT(TINY).apply({'params': params}, idx, jnp.zeros_like(idx))
+    last, loss = GPT(TINY).apply({'params': params}, idx)
+    assert last.shape == (2, 1, TINY.vocab_size) and loss is None
+    np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-6)
+
+
+def test_init_follows_nanogpt():
+    config = GPTConfig(block_size=64, vocab_size=512, n_layer=4, n_head=4, n_embd=256, bias=True)
+    params = init_params(config, jax.random.key(0))
+    residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+    for path, p in param_paths(params):
+        p = np.asarray(p)
+        if path[-1] == 'bias':
+            assert np.all(p == 0), path
+        elif path[-1] == 'scale':
+            assert np.all(p == 1), path
+        else:
+            std = residual_std if path[-2] == 'c_proj' else 0.02
+            assert abs(p.std() - std) < 0.05 * std and abs(p.mean()) < 0.1 * std, (path, p.std())
+    n_embd, L, V, T = 256, 4, 512, 64
+    per_layer = 4 * n_embd + 3 * n_embd * n_embd + 3 * n_embd + n_embd * n_embd + n_embd + \
+        4 * n_embd * n_embd + 4 * n_embd + 4 * n_embd * n_embd + n_embd
+    expected = V * n_embd + L * per_layer + 2 * n_embd
+    assert count_params(params) == expected  # position embeddings are not counted
+    assert count_params(params, non_embedding=False) == expected + T * n_embd
+    assert flops_per_token(config, expected) == 6 * expected + 12 * L * 4 * 64 * T
+
+
+def test_bias_false_has_no_biases():
+    params = init_params(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8, bias=False),
+                         jax.random.key(0))
+    assert not any(path[-1] == 'bias' for path, _ in param_paths(params))
+
+
+def test_crop_block_size_keeps_short_context_logits(hf_and_params):
+    _, params = hf_and_params
+    cropped, config = crop_block_size(params, TINY, 8)
+    assert config.block_size == 8 and cropped['wpe']['embedding'].shape == (8, TINY.n_embd)
+    idx = jnp.array(np.random.default_rng(2).integers(0, TINY.vocab_size, (2, 8)))
+    a, _ = GPT(TINY).apply({'params': params}, idx)
+    b, _ = GPT(config).apply({'params': cropped}, idx)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def reference_generate(params, config, idx, key, max_new_tokens, temperature, top_k):
+    """nanoGPT's generate: run the model on the last block_size tokens for every new token.
+    The window is right-padded to block_size so that one compiled forward serves every length
+    (causal attention: the padding cannot change the logits of the positions before it)."""
+    @jax.jit
+    def next_logits(padded, t):
+        logits, _ = GPT(config).apply({'params': params}, padded, jnp.zeros_like(padded))
+        return jax.lax.dynamic_slice_in_dim(logits, t - 1, 1, axis=1)
+
+    keys = jax.random.split(key, max_new_tokens)
+    for i in range(max_new_tokens):
+        window = np.asarray(idx[:, -config.block_size:])
+        window = np.pad(window, ((0, 0), (0, config.block_size - window.shape[1])))
+        logits = next_logits(jnp.asarray(window), min(idx.shape[1], config.block_size))
+        idx = jnp.concatenate([idx, sample_token(logits, keys[i], temperature, top_k)[:, None]], axis=1)
+    return idx
+
+
+@pytest.mark.parametrize('prompt_len,max_new_tokens', [(5, 12), (20, 30), (40, 6)])
+def test_cached_generation_matches_nanogpt_generate(hf_and_params, prompt_len, max_new_tokens):
+    # (20, 30) goes past block_size 32 mid-way; (40, 6) starts with a prompt longer than block_size
+    _, params = hf_and_params
+    idx = jnp.array(np.random.default_rng(3).integers(0, TINY.vocab_size, (2, prompt_len)), dtype=jnp.int32)
+    key = jax.random.key(7)
+    for temperature, top_k in ((1.0, 5), (0.8, None)):
+        got = generate(params, TINY, idx, key, max_new_tokens, temperature, top_k)
+        want = reference_generate(params, TINY, idx, key, max_new_tokens, temperature, top_k)
+        np.testing.assert_array_equal(np.array(got), np.array(want))
+
+
+def test_top_k_one_is_greedy(hf_and_params):
+    _, params = hf_and_params
+    idx = jnp.array([[1, 2, 3]], dtype=jnp.int32)
+    out = generate(params, TINY, idx, jax.random.key(0), 4, 1.0, 1)
+    forward = jax.jit(lambda idx: GPT(TINY).apply({'params': params}, idx)[0])
+    for t in range(3, 7):
+        logits = forward(out[:, :t])
+        assert int(out[0, t]) == int(jnp.argmax(logits[0, -1]))

@@ -1,0 +1,178 @@
+"""Tests of the command lines: configurator.py, train_jax.py and sample_jax.py, end to end."""
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from configurator import configure
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.environ.get('NANOGPT_SHARED_DATA', os.path.join(REPO, '..', 'shared', 'data'))
+SHAKESPEARE = os.path.join(SHARED, 'tinyshakespeare', 'input.txt')
+
+# nanoGPT README's command line for a CPU, then a smaller model and run so that the test is quick
+NANOGPT_CPU_ARGS = ['config/train_shakespeare_char.py', '--device=cpu', '--compile=False', '--eval_iters=20',
+                    '--log_interval=1', '--block_size=64', '--batch_size=12', '--n_layer=4', '--n_head=4',
+                    '--n_embd=128', '--max_iters=2000', '--lr_decay_iters=2000', '--dropout=0.0']
+SMALL_ARGS = ['--block_size=32', '--batch_size=4', '--n_layer=2', '--n_head=2', '--n_embd=32', '--eval_iters=4',
+              '--eval_interval=10', '--gradient_accumulation_steps=2', '--dropout=0.1', '--warmup_iters=5',
+              '--lr_decay_iters=30', '--always_save_checkpoint=True']
+
+
+def run(script, args, check=True):
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    out = subprocess.run([sys.executable, os.path.join(REPO, script)] + args, cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def lines(stdout, prefix):
+    return [l for l in stdout.splitlines() if l.startswith(prefix)]
+
+
+# -----------------------------------------------------------------------------
+# configurator
+
+def test_overrides_parse_like_nanogpt(tmp_path):
+    config = {'learning_rate': 6e-4, 'batch_size': 12, 'compile': True, 'dataset': 'openwebtext', 'dtype': 'auto'}
+    config_file = tmp_path / 'cfg.py'
+    config_file.write_text("batch_size = 64\ndataset = 'shakespeare_char'\n")
+    configure(config, [str(config_file), '--learning_rate=1', '--compile=False', '--batch_size=32',
+                       '--dtype=bfloat16'])
+    del config['__builtins__']  # exec adds it, as in a script's globals
+    assert config == {'learning_rate': 1.0, 'batch_size': 32, 'compile': False, 'dataset': 'shakespeare_char',
+                      'dtype': 'bfloat16'}
+    assert type(config['learning_rate']) is float
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--bacth_size=4'], "unknown config key 'bacth_size' (did you mean 'batch_size'?)"),
+    (['--zzz=4'], "unknown config key 'zzz'"),
+    (['--batch_size=2.5'], "--batch_size=2.5: expected a int like the default 12, got a float"),
+    (['--compile=yes'], "--compile=yes: expected a bool like the default True, got a str"),
+    (['--batch_size'], "--batch_size: overrides are written --key=value"),
+    (['config/no_such_config.py'], "cannot read config file config/no_such_config.py"),
+    (['--init_from=resume', '--out_dir=/no/such/dir'], "init_from='resume' but out_dir '/no/such/dir' does not exist"),
+    (['--init_from=gpt3'], "init_from='gpt3'"),
+    (['--device=cpu', '--dtype=float16', '--dataset=shakespeare_char'], "dtype 'float16' needs loss scaling"),
+])
+def test_bad_config_is_a_one_line_error(args, message):
+    out = run('train_jax.py', args, check=False)
+    assert out.returncode == 2
+    assert out.stderr.count('\n') == 1 and 'Traceback' not in out.stderr, out.stderr
+    assert message in out.stderr
+
+
+def test_broken_config_file_names_the_line(tmp_path):
+    bad = tmp_path / 'bad.py'
+    bad.write_text("batch_size = 4\nn_layer = = 2\n")
+    out = run('train_jax.py', [str(bad)], check=False)
+    assert out.returncode == 2 and out.stderr.count('\n') == 1
+    assert f"config file {bad}, line 2: SyntaxError" in out.stderr
+
+
+# -----------------------------------------------------------------------------
+# end to end: prepare, train, checkpoint, resume, sample
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    """A data folder where shakespeare_char has its input.txt but is not prepared yet."""
+    if not os.path.exists(SHAKESPEARE):
+        pytest.skip(f"offline data not found at {SHARED} (set NANOGPT_SHARED_DATA)")
+    root = tmp_path_factory.mktemp('data')
+    os.makedirs(root / 'shakespeare_char')
+    shutil.copy(SHAKESPEARE, root / 'shakespeare_char' / 'input.txt')
+    return root
+
+
+@pytest.fixture(scope='module')
+def one_go(data_root, tmp_path_factory):
+    """20 iterations in one run, the data prepared on the way."""
+    out_dir = tmp_path_factory.mktemp('one_go')
+    out = run('train_jax.py', NANOGPT_CPU_ARGS + SMALL_ARGS + [f'--data_root={data_root}', f'--out_dir={out_dir}',
+                                                               '--max_iters=20'])
+    return out_dir, out.stdout
+
+
+def test_training_prepares_data_learns_and_logs_like_nanogpt(one_go, data_root):
+    out_dir, stdout = one_go
+    assert 'train has 1,003,854 tokens' in stdout  # shakespeare_char was prepared on first use
+    assert os.path.exists(data_root / 'shakespeare_char' / 'meta.pkl')
+    assert 'tokens per iteration will be: 256' in stdout  # 2 micro-steps x 1 worker x 4 x 32
+    assert 'found vocab_size = 65' in stdout
+    steps = lines(stdout, 'step ')
+    assert [s.split(':')[0] for s in steps] == ['step 0', 'step 10', 'step 20']
+    assert re.fullmatch(r'step 0: train loss \d\.\d{4}, val loss \d\.\d{4}', steps[0])
+    val = [float(s.split()[-1]) for s in steps]
+    assert val[0] > 4.0 and val[2] < val[0] - 0.3  # starts near ln(65) = 4.17 and learns
+    iters = lines(stdout, 'iter ')
+    assert len(iters) == 21 and re.fullmatch(r'iter 7: loss \d\.\d{4}, time \d+\.\d\dms, mfu -?\d+\.\d\d%', iters[7])
+    assert stdout.count('saving checkpoint') == 2  # at iter 10 and 20, never at 0
+
+
+def test_resume_continues_exactly(one_go, data_root, tmp_path):
+    """Stopped at iter 10 and resumed, the run prints the same losses as the run done in one go."""
+    _, stdout = one_go
+    common = NANOGPT_CPU_ARGS + SMALL_ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}']
+    loss = lambda ls: [l.split(', time')[0] for l in ls]
+    first = run('train_jax.py', common + ['--max_iters=10']).stdout
+    assert loss(lines(first, 'iter ')) == loss(lines(stdout, 'iter ')[:11])
+    resumed = run('train_jax.py', common + ['--max_iters=20', '--init_from=resume']).stdout
+    assert 'Resuming training from' in resumed
+    assert lines(resumed, 'step ') == lines(stdout, 'step ')[1:]
+    assert loss(lines(resumed, 'iter ')) == loss(lines(stdout, 'iter ')[10:])
+
+
+def test_eval_only_and_checkpoint_safety(one_go, data_root):
+    out_dir, stdout = one_go
+    before = sorted(os.listdir(out_dir))
+    args = NANOGPT_CPU_ARGS + SMALL_ARGS + [f'--data_root={data_root}', f'--out_dir={out_dir}']
+    evaluated = run('train_jax.py', args + ['--init_from=resume', '--eval_only=True']).stdout
+    assert lines(evaluated, 'step ') == lines(stdout, 'step ')[-1:] and not lines(evaluated, 'iter ')
+    # a new run from scratch must not touch the checkpoint that is there
+    out = run('train_jax.py', args, check=False)
+    assert out.returncode == 2 and 'already holds a checkpoint (iter 20)' in out.stderr
+    assert sorted(os.listdir(out_dir)) == before
+
+
+def test_sample_from_the_checkpoint(one_go):
+    out_dir, _ = one_go
+    out = run('sample_jax.py', [f'--out_dir={out_dir}', '--device=cpu', '--num_samples=3', '--max_new_tokens=40',
+                                '--start=ROMEO:'])
+    assert 'Loading meta from' in out.stdout
+    samples = out.stdout.split('...\n', 1)[1].split('\n---------------\n')
+    assert len(samples) == 4 and samples[3] == ''
+    for text in samples[:3]:
+        assert text.startswith('ROMEO:') and len(text) == len('ROMEO:') + 40
+    bad = run('sample_jax.py', [f'--out_dir={out_dir}', '--device=cpu', '--start=\u00e9'], check=False)
+    assert bad.returncode == 2 and "the start text has a character" in bad.stderr
+
+
+def test_two_processes_train_as_one_data_parallel_run(data_root, tmp_path):
+    """Two local processes joined through jax.distributed (gloo on CPU): 2 workers, each reading its
+    own batches; process 0 logs and both write the checkpoint, which one process then resumes."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    args = NANOGPT_CPU_ARGS + SMALL_ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}', '--max_iters=10']
+    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, 'train_jax.py')] + args, cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(os.environ, JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+                                       JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    log0, log1 = outs[0][0], outs[1][0]
+    assert 'in 2 process(es), 2 data parallel worker(s)' in log0
+    assert 'tokens per iteration will be: 256' in log0  # 1 micro-step x 2 workers x 4 x 32
+    assert len(lines(log0, 'iter ')) == 11 and not lines(log1, 'iter ') and not lines(log1, 'step ')
+    resumed = run('train_jax.py', args[:-1] + ['--init_from=resume', '--max_iters=12']).stdout
+    assert [l.split(':')[0] for l in lines(resumed, 'step ') + lines(resumed, 'iter ')] == \
+        ['step 10', 'iter 10', 'iter 11', 'iter 12']
