@@ -117,7 +117,8 @@ data_dir = os.path.join(data_root, dataset)
 if not os.path.exists(os.path.join(data_dir, 'train.bin')):
     prepare = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset, 'prepare.py')
     if dataset not in ('shakespeare_char', 'shakespeare'):
-        die(f"{data_dir}/train.bin not found: prepare it first with `python {prepare}`")
+        die(f"{data_dir}/train.bin not found" +
+            (f": prepare it first with `python {prepare}`" if os.path.exists(prepare) else ""))
     if master_process:
         print(f"{data_dir}/train.bin not found, preparing it with {prepare}")
         if subprocess.run([sys.executable, prepare, f'--out_dir={data_dir}']).returncode != 0:
