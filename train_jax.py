@@ -200,7 +200,9 @@ if init_from == 'resume':
     abstract_state = jax.eval_shape(partial(tu.create_train_state, model_config, tx=tx), abstract_params)
     state = tu.restore_train_state(manager, abstract_state, iter_num, replicated)
 else:
-    state = jax.jit(tu.create_train_state, static_argnums=(0, 2), out_shardings=replicated)(model_config, params, tx)
+    # the params are donated: a second copy of gpt2-xl would cost 6 GB at start
+    state = jax.jit(tu.create_train_state, static_argnums=(0, 2), out_shardings=replicated,
+                    donate_argnums=1)(model_config, params, tx)
 n_params = count_params(state.params)
 print(f"number of parameters: {n_params / 1e6:.2f}M")
 if peak_flops == 0.0:
