@@ -194,8 +194,8 @@ if block_size < model_config.block_size:
 
 # optimizer
 abstract_params = jax.eval_shape(partial(init_params, model_config), key)
-tx = tu.configure_optimizer(abstract_params, learning_rate,
-    weight_decay, beta1, beta2, grad_clip, decay_lr, warmup_iters, lr_decay_iters, min_lr)
+tx = tu.configure_optimizer(abstract_params, learning_rate, weight_decay, beta1, beta2, grad_clip,
+                            decay_lr, warmup_iters, lr_decay_iters, min_lr)
 if init_from == 'resume':
     abstract_state = jax.eval_shape(partial(tu.create_train_state, model_config, tx=tx), abstract_params)
     state = tu.restore_train_state(manager, abstract_state, iter_num, replicated)
