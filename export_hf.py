@@ -19,21 +19,17 @@ configure(globals(), sys.argv[1:])
 if not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")
 
-import jax
 from safetensors.numpy import save_file
 
 import jax_train_utils as tu
-from jax_transformer import GPTConfig, init_params, params_to_hf, hf_config
+from jax_transformer import params_to_hf, hf_config
 
 tu.configure_devices('cpu', 1)  # the weights only pass through the host
 
-manager = tu.checkpoint_manager(out_dir)
-checkpoint = tu.restore_meta(manager)
-if checkpoint is None:
-    die(f"no checkpoint in out_dir {out_dir!r}")
-config = GPTConfig(**checkpoint['model_args'])
-abstract_params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-params = tu.restore_params(manager, abstract_params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+try:
+    checkpoint, config, params = tu.restore_model(out_dir, 'float32')
+except ValueError as e:
+    die(str(e))
 
 os.makedirs(hf_dir, exist_ok=True)
 # transformers 4 refuses a safetensors file whose metadata does not name a framework it knows

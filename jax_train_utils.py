@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jax_transformer import GPT
+from jax_transformer import GPT, GPTConfig, param_shapes
 
 # -----------------------------------------------------------------------------
 # devices
@@ -238,6 +238,18 @@ def restore_params(manager, abstract_params, sharding):
     return manager.restore(manager.latest_step(), args=args)['params']
 
 
+def restore_model(out_dir, dtype):
+    """(metadata, GPTConfig, params on the first device) of out_dir's latest checkpoint, for
+    sampling and export. ValueError when out_dir holds none."""
+    manager = checkpoint_manager(out_dir)
+    meta = restore_meta(manager)
+    if meta is None:
+        raise ValueError(f"no checkpoint in out_dir {out_dir!r}")
+    config = GPTConfig(**meta['model_args'], dtype=dtype)
+    params = restore_params(manager, param_shapes(config), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return meta, config, params
+
+
 def restore_train_state(manager, abstract_state, iter_num, sharding):
     """The latest checkpoint's params and optimizer state in a train state at step iter_num."""
     abstract_state = with_sharding(abstract_state, sharding)
@@ -256,9 +268,8 @@ def init_distributed():
     (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host, or run under
     SLURM, Open MPI or a Cloud TPU pod, whose settings jax reads itself."""
     env = os.environ
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # used by the CPU backend alone
     if 'JAX_NUM_PROCESSES' in env:
-        if jax.config.jax_platforms == 'cpu':
-            jax.config.update('jax_cpu_collectives_implementation', 'gloo')
         jax.distributed.initialize(coordinator_address=env.get('JAX_COORDINATOR_ADDRESS'),
                                    num_processes=int(env['JAX_NUM_PROCESSES']),
                                    process_id=int(env['JAX_PROCESS_ID']))

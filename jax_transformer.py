@@ -158,6 +158,11 @@ def init_params(config, key):
     return GPT(config).init(key, idx)['params']
 
 
+def param_shapes(config):
+    """The shapes and dtypes of the params of config, without computing them."""
+    return jax.eval_shape(partial(init_params, config), jax.random.key(0))
+
+
 def count_params(params, non_embedding=True):
     """Number of parameters. The position embeddings are left out by default, as in nanoGPT
     (the token embeddings are counted: they are tied to the final layer's weights)."""
@@ -267,7 +272,7 @@ def param_paths(params):
 def params_from_hf(get_tensor, config):
     """Flax params for `config` from a GPT-2 checkpoint in HF's layout; get_tensor(name) returns
     one float array, so tensors can be streamed one at a time from a safetensors file."""
-    shapes = jax.eval_shape(partial(init_params, config), jax.random.key(0))
+    shapes = param_shapes(config)
     params = {}
     for path, shape in param_paths(shapes):
         w = jnp.asarray(get_tensor(hf_name(path)), dtype=jnp.float32)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import tiktoken
 
 import jax_train_utils as tu
-from jax_transformer import GPTConfig, init_params, generate, from_pretrained
+from jax_transformer import generate, from_pretrained
 
 tu.configure_devices(device, 1)
 try:
@@ -42,24 +42,16 @@ except ValueError as e:
     die(str(e))
 
 # model
-if init_from == 'resume':
-    manager = tu.checkpoint_manager(out_dir)
-    checkpoint = tu.restore_meta(manager)
-    if checkpoint is None:
-        die(f"no checkpoint in out_dir {out_dir!r}")
-    model_args = checkpoint['model_args']  # gelu_approximate too, when the checkpoint has it
-    config = GPTConfig(**model_args, dtype=dtype)
-    abstract_params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    params = tu.restore_params(manager, abstract_params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-else:
-    # init from a given GPT-2 model
-    try:
+try:
+    if init_from == 'resume':
+        checkpoint, config, params = tu.restore_model(out_dir, dtype)
+    else:  # init from a given GPT-2 model
         config, params = from_pretrained(init_from, dropout=0.0, dtype=dtype)
-    except ValueError as e:
-        die(str(e))
-    if config.vocab_size < 50257:
-        die(f"{init_from} has a vocab_size of {config.vocab_size}, too small for the GPT-2 encoding "
-            f"used with pretrained models: sample its checkpoint with --init_from=resume")
+except ValueError as e:
+    die(str(e))
+if init_from != 'resume' and config.vocab_size < 50257:
+    die(f"{init_from} has a vocab_size of {config.vocab_size}, too small for the GPT-2 encoding "
+        f"used with pretrained models: sample its checkpoint with --init_from=resume")
 
 # look for the meta pickle in case it is available in the dataset folder
 load_meta = False

@@ -85,7 +85,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_train_utils as tu
-from jax_transformer import GPTConfig, init_params, count_params, crop_block_size, estimate_mfu, from_pretrained
+from jax_transformer import (GPTConfig, init_params, param_shapes, count_params, crop_block_size, estimate_mfu,
+                             from_pretrained)
 
 tu.configure_devices(device, batch_size)
 tu.init_distributed()
@@ -193,7 +194,7 @@ if block_size < model_config.block_size:
     model_args['block_size'] = block_size  # so that the checkpoint will have the right value
 
 # optimizer
-abstract_params = jax.eval_shape(partial(init_params, model_config), key)
+abstract_params = param_shapes(model_config)
 tx = tu.configure_optimizer(abstract_params, learning_rate, weight_decay, beta1, beta2, grad_clip,
                             decay_lr, warmup_iters, lr_decay_iters, min_lr)
 if init_from == 'resume':
