@@ -14,7 +14,7 @@ import time
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-batch_size = 12  # per data parallel worker
+batch_size = 12  # micro-batch size
 block_size = 64
 n_layer = 4
 n_head = 4
@@ -52,9 +52,7 @@ import jax
 import jax_train_utils as tu
 from jax_transformer import GPTConfig, init_params
 
-tu.configure_devices(device, batch_size)
-if cpu_devices:
-    jax.config.update('jax_num_cpu_devices', cpu_devices)
+tu.configure_devices(device, cpu_devices, [(gradient_accumulation_steps, batch_size)])
 config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                    dropout=dropout, bias=bias, dtype=tu.resolve_dtype(dtype))
 mesh = tu.make_mesh()
@@ -62,8 +60,7 @@ replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 params = jax.device_put(init_params(config, jax.random.key(0)), replicated)
 tx = tu.configure_optimizer(params, 1e-3, 0.1, 0.9, 0.99, 1.0, True, 100, 5000, 1e-4)
 state = tu.create_train_state(config, params, tx)
-world = tu.data_parallel_size()
-ga = gradient_accumulation_steps // world
+layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count())
 data = np.random.default_rng(0).integers(0, vocab_size, 1_000_000).astype(np.uint16)
 data_path = '/tmp/bench_jax_tokens.bin'
 data.tofile(data_path)
@@ -71,8 +68,7 @@ key = jax.random.key(1)
 
 
 def batch(it):
-    x, y = tu.get_batch(data_path, tu.batch_rng(0, it, 0), ga * batch_size * world, block_size)
-    return tu.shard_batch(mesh, x, y, ga)
+    return tu.get_batch(mesh, data_path, tu.batch_starts(data_path, 0, it, 0, layout, block_size), block_size)
 
 
 x, y = batch(0)
@@ -87,4 +83,4 @@ for it in range(warmup + iters):
 jax.block_until_ready(state)
 dt = (time.time() - t0) / iters
 print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, dtype {config.dtype}, "
-      f"batch {batch_size * ga * world} x {block_size}: {dt * 1000:.2f} ms/iter")
+      f"batch {gradient_accumulation_steps} x {batch_size} x {block_size}: {dt * 1000:.2f} ms/iter")

@@ -19,15 +19,17 @@ configure(globals(), sys.argv[1:])
 if not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")
 
+import jax
 from safetensors.numpy import save_file
 
 import jax_train_utils as tu
 from jax_transformer import params_to_hf, hf_config
 
-tu.configure_devices('cpu', 1)  # the weights only pass through the host
+tu.configure_devices('cpu', 1, [])  # the weights only pass through the host
 
 try:
-    checkpoint, config, params = tu.restore_model(out_dir, 'float32')
+    checkpoint, config, params = tu.restore_model(out_dir, 'float32',
+                                                  jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 except ValueError as e:
     die(str(e))
 

@@ -3,7 +3,11 @@ Training pieces for train_jax.py: devices and mesh, the batch loader, the optimi
 learning rate schedule, the jitted train and eval steps, and checkpoints.
 """
 
+import collections
+import concurrent.futures
 import functools
+import importlib.util
+import itertools
 import math
 import os
 
@@ -41,16 +45,19 @@ def device_peak_flops(device):
     return next((flops for name, flops in PEAK_FLOPS if name in kind), None)
 
 
-def configure_devices(device, batch_size):
+def configure_devices(device, cpu_devices, batches):
     """Call before anything touches a device. device 'cpu' forces the CPU; any other value
     ('cuda', 'tpu', ...) leaves JAX its default backend: the GPUs/TPUs when present, else the CPU.
-    On CPU each core becomes a JAX device sharing the batch (unless XLA_FLAGS already sets a
-    device count), which is faster than one device on all cores."""
+    On CPU the cores become cpu_devices JAX devices sharing the batch, which is faster than one
+    device on all cores; 0 picks the most devices, up to one per core, over which every
+    (n_batches, batch_size) of batches splits (see batch_layout). A count set in XLA_FLAGS wins."""
     if device == 'cpu':
         jax.config.update('jax_platforms', 'cpu')
     if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
-        cores = os.cpu_count() or 1
-        jax.config.update('jax_num_cpu_devices', max(d for d in range(1, cores + 1) if batch_size % d == 0))
+        if cpu_devices == 0:
+            cpu_devices = max(n for n in range(1, (os.cpu_count() or 1) + 1)
+                              if all(n_batches % n == 0 or batch_size % n == 0 for n_batches, batch_size in batches))
+        jax.config.update('jax_num_cpu_devices', cpu_devices)
 
 
 def make_mesh():
@@ -59,13 +66,20 @@ def make_mesh():
     return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def data_parallel_size():
-    """How many data parallel workers nanoGPT would count (its DDP world size): one per GPU/TPU
-    device, or one per process on CPU, where the devices are the cores of one machine that
-    share the process's batch."""
-    if jax.default_backend() == 'cpu':
-        return jax.process_count()
-    return jax.device_count()
+def batch_layout(n_batches, batch_size, n_devices, name='gradient_accumulation_steps'):
+    """How n_batches batches of batch_size rows run on n_devices data parallel devices, as
+    (steps, rows per step): whole batches per device when n_devices divides n_batches (nanoGPT's
+    DDP divides gradient_accumulation_steps by its world size), else each batch split over the
+    devices. The rows, and so the mean loss and gradient, are the same for any n_devices.
+    ValueError, saying what would work, when neither divides; name is n_batches' config key."""
+    if n_batches % n_devices == 0:
+        return n_batches // n_devices, batch_size * n_devices
+    if batch_size % n_devices == 0:
+        return n_batches, batch_size
+    round_up = lambda n: -(-n // n_devices) * n_devices
+    raise ValueError(f"{name}={n_batches} and batch_size={batch_size} cannot be split over {n_devices} devices: "
+                     f"make one of them a multiple of {n_devices} (e.g. --{name}={round_up(n_batches)} "
+                     f"or --batch_size={round_up(batch_size)})")
 
 
 def resolve_dtype(dtype):
@@ -83,32 +97,43 @@ def resolve_dtype(dtype):
 # -----------------------------------------------------------------------------
 # data
 
-def get_batch(data_path, rng, n, block_size):
-    """n random windows of the uint16 token file: x (n, T) and the next tokens y (n, T), int32.
-    The memmap is re-opened on every call, as in nanoGPT, to keep its pages from piling up."""
+def batch_starts(data_path, seed, iter_num, stream, layout, block_size):
+    """Where the random windows of one iteration's batches start in the token file, shape layout
+    (steps, rows). A pure function of (seed, iteration, stream) and the number of rows, whatever
+    the devices and processes, so resume is exact and results do not depend on the topology;
+    stream 0 is training, 1 and 2 are the train and val evaluation batches."""
+    n_tokens = os.path.getsize(data_path) // 2
+    rng = np.random.default_rng([seed, iter_num, stream])
+    return rng.integers(0, n_tokens - block_size, size=math.prod(layout)).reshape(layout)
+
+
+def get_batch(mesh, data_path, starts, block_size):
+    """The windows of the uint16 token file at starts (steps, rows): inputs x and next tokens y,
+    global int32 arrays (steps, rows, T) split along the rows over the mesh's 'data' axis. Each
+    process reads the rows of its own devices only. The memmap is re-opened on every call, as in
+    nanoGPT, to keep its pages from piling up."""
     data = np.memmap(data_path, dtype=np.uint16, mode='r')
-    ix = rng.integers(0, len(data) - block_size, size=n)
-    x = np.stack([data[i:i + block_size] for i in ix]).astype(np.int32)
-    y = np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int32)
-    return x, y
-
-
-def batch_rng(seed, iter_num, stream):
-    """The NumPy generator for one iteration's batches of one process. Being a pure function of
-    (seed, process, iteration, stream) it makes resume exact and multi-host safe; stream 0 is
-    training, 1 and 2 are the train and val evaluation batches."""
-    return np.random.default_rng([seed, jax.process_index(), iter_num, stream])
-
-
-def shard_batch(mesh, x, y, n_steps):
-    """Global device arrays (n_steps, B, T) from this process's rows (n_steps * b, T), split
-    along the batch axis over the mesh's 'data' axis."""
+    shape = starts.shape + (block_size,)
     sharding = NamedSharding(mesh, P(None, 'data'))
-    def put(a):
-        a = a.reshape(n_steps, -1, a.shape[-1])
-        global_shape = (n_steps, a.shape[1] * jax.process_count(), a.shape[2])
-        return jax.make_array_from_process_local_data(sharding, a, global_shape)
-    return put(x), put(y)
+    xs, ys = [], []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        rows = starts[index[:2]]
+        windows = np.stack([data[i:i + block_size + 1] for i in rows.ravel()]).astype(np.int32)
+        windows = windows.reshape(rows.shape + (block_size + 1,))
+        xs.append(jax.device_put(windows[..., :-1], device))
+        ys.append(jax.device_put(windows[..., 1:], device))
+    return (jax.make_array_from_single_device_arrays(shape, sharding, xs),
+            jax.make_array_from_single_device_arrays(shape, sharding, ys))
+
+
+def prefetch(make_batch, first):
+    """Yields make_batch(first), make_batch(first + 1), ..., each made on a background thread two
+    iterations ahead, so that reading and moving batches stays off the training step's path."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    ahead = collections.deque(pool.submit(make_batch, i) for i in (first, first + 1))
+    for i in itertools.count(first + 2):
+        yield ahead.popleft().result()
+        ahead.append(pool.submit(make_batch, i))
 
 
 # -----------------------------------------------------------------------------
@@ -197,7 +222,42 @@ def _train_step(state, x, y, dropout_key):
     return state.apply_gradients(grads=grads), jnp.mean(losses)
 
 
-train_step = jax.jit(_train_step, donate_argnums=0)
+def make_train_step(state_sharding=None):
+    """The jitted train step. It donates the train state and returns the new one placed by
+    state_sharding (a tree of shardings shaped like the state, see state_sharding; None lets XLA
+    choose, which keeps a replicated state replicated)."""
+    return jax.jit(_train_step, donate_argnums=0, out_shardings=(state_sharding, None))
+
+
+train_step = make_train_step()
+
+
+# -----------------------------------------------------------------------------
+# sharding of the train state
+
+def state_sharding(mesh, abstract_state, fsdp, fsdp_min_size):
+    """A sharding for each array of the train state (or of any tree of shapes): replicated on every
+    device, or with fsdp split along the largest dimension that the 'data' axis divides, so that
+    each device holds 1/n of the params and optimizer state and XLA gathers each layer's weights
+    when it needs them. Arrays under fsdp_min_size elements, or with no such dimension, stay
+    replicated: splitting them saves little memory and costs a collective each."""
+    n = mesh.shape['data']
+
+    def place(x):
+        shape = np.shape(x)
+        dims = [d for d in range(len(shape)) if shape[d] % n == 0]
+        if not fsdp or math.prod(shape) < fsdp_min_size or not dims:
+            return NamedSharding(mesh, P())
+        split = max(dims, key=lambda d: shape[d])
+        return NamedSharding(mesh, P(*('data' if d == split else None for d in range(len(shape)))))
+    return jax.tree.map(place, abstract_state)
+
+
+def bytes_per_device(abstract_state, sharding):
+    """The bytes one device holds of the arrays of abstract_state placed by sharding (a tree of
+    shardings shaped like it)."""
+    return sum(math.prod(s.shard_shape(np.shape(x))) * np.result_type(x).itemsize
+               for x, s in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(sharding)))
 
 
 # -----------------------------------------------------------------------------
@@ -228,35 +288,33 @@ def restore_meta(manager):
 
 
 def with_sharding(abstract, sharding):
-    """abstract (a tree of shapes and dtypes) with every leaf placed by sharding."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
+    """abstract (a tree of shapes and dtypes) with each leaf placed by the matching leaf of sharding."""
+    return jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), abstract, sharding)
 
 
-def restore_params(manager, abstract_params, sharding):
-    """The latest checkpoint's params, placed by sharding."""
-    args = ocp.args.Composite(params=ocp.args.StandardRestore(with_sharding(abstract_params, sharding)))
-    return manager.restore(manager.latest_step(), args=args)['params']
-
-
-def restore_model(out_dir, dtype):
-    """(metadata, GPTConfig, params on the first device) of out_dir's latest checkpoint, for
-    sampling and export. ValueError when out_dir holds none."""
+def restore_model(out_dir, dtype, sharding):
+    """(metadata, GPTConfig, params placed by sharding) of out_dir's latest checkpoint, for sampling
+    and export. ValueError when out_dir holds none."""
     manager = checkpoint_manager(out_dir)
     meta = restore_meta(manager)
     if meta is None:
         raise ValueError(f"no checkpoint in out_dir {out_dir!r}")
     config = GPTConfig(**meta['model_args'], dtype=dtype)
-    params = restore_params(manager, param_shapes(config), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    return meta, config, params
+    abstract_params = param_shapes(config)
+    abstract_params = with_sharding(abstract_params, jax.tree.map(lambda _: sharding, abstract_params))
+    args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+    return meta, config, manager.restore(manager.latest_step(), args=args)['params']
 
 
 def restore_train_state(manager, abstract_state, iter_num, sharding):
-    """The latest checkpoint's params and optimizer state in a train state at step iter_num."""
+    """The latest checkpoint's params and optimizer state in a train state at step iter_num, each
+    array placed by sharding (see state_sharding), whatever the sharding it was saved with."""
     abstract_state = with_sharding(abstract_state, sharding)
     args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_state.params),
                               opt_state=ocp.args.StandardRestore(abstract_state.opt_state))
     restored = manager.restore(manager.latest_step(), args=args)
-    return abstract_state.replace(step=jnp.asarray(iter_num, jnp.int32), params=restored['params'],
+    step = jax.device_put(jnp.asarray(iter_num, jnp.int32), sharding.step)  # placed as the step returns it
+    return abstract_state.replace(step=step, params=restored['params'],
                                   opt_state=restored['opt_state'])
 
 
@@ -266,7 +324,7 @@ def restore_train_state(manager, abstract_state, iter_num, sharding):
 def init_distributed():
     """Join the other processes of a multi-host run, when there is one. Set JAX_COORDINATOR_ADDRESS
     (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host, or run under
-    SLURM, Open MPI or a Cloud TPU pod, whose settings jax reads itself."""
+    SLURM, Open MPI or a Cloud TPU VM (libtpu installed), whose settings jax finds itself."""
     env = os.environ
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # used by the CPU backend alone
     if 'JAX_NUM_PROCESSES' in env:
@@ -274,5 +332,5 @@ def init_distributed():
                                    num_processes=int(env['JAX_NUM_PROCESSES']),
                                    process_id=int(env['JAX_PROCESS_ID']))
     elif int(env.get('SLURM_NTASKS', 1)) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', 1)) > 1 \
-            or ',' in env.get('TPU_WORKER_HOSTNAMES', ''):
+            or importlib.util.find_spec('libtpu') is not None:
         jax.distributed.initialize()

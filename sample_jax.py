@@ -17,6 +17,7 @@ max_new_tokens = 500  # number of tokens generated in each sample
 temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, in the predictions
 top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability
 seed = 1337
+cpu_devices = 0  # on CPU, the JAX devices the cores become: 0 one per core (as num_samples splits), 1 turns it off
 device = 'cuda'  # 'cpu' forces the CPU; any other value uses the GPU/TPU when present, else the CPU
 dtype = 'auto'  # 'float32' or 'bfloat16' compute ('auto': bfloat16 on GPU/TPU, float32 on CPU)
 compile = False  # ignored: sampling is always compiled with XLA, once
@@ -31,22 +32,27 @@ if num_samples < 1 or max_new_tokens < 1 or temperature <= 0 or top_k < 1:
 import jax
 import jax.numpy as jnp
 import tiktoken
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_train_utils as tu
 from jax_transformer import generate, from_pretrained
 
-tu.configure_devices(device, 1)
+tu.configure_devices(device, cpu_devices, [(1, num_samples)])
 try:
     dtype = tu.resolve_dtype(dtype)
 except ValueError as e:
     die(str(e))
 
+mesh = tu.make_mesh()
+replicated = NamedSharding(mesh, P())
+
 # model
 try:
     if init_from == 'resume':
-        checkpoint, config, params = tu.restore_model(out_dir, dtype)
+        checkpoint, config, params = tu.restore_model(out_dir, dtype, replicated)
     else:  # init from a given GPT-2 model
         config, params = from_pretrained(init_from, dropout=0.0, dtype=dtype)
+        params = jax.device_put(params, replicated)
 except ValueError as e:
     die(str(e))
 if init_from != 'resume' and config.vocab_size < 50257:
@@ -86,8 +92,9 @@ except KeyError as e:
 if not start_ids:
     die("the start text is empty")
 
-# run generation: all samples as one batch, compiled once
+# run generation: all samples as one batch, compiled once, split over the devices when they divide it
 x = jnp.tile(jnp.array(start_ids, dtype=jnp.int32)[None, :], (num_samples, 1))
+x = jax.device_put(x, NamedSharding(mesh, P('data' if num_samples % jax.device_count() == 0 else None)))
 y = generate(params, config, x, jax.random.key(seed), max_new_tokens, temperature, top_k)
 for row in jax.device_get(y):
     print(decode(row.tolist()))

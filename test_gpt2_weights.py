@@ -265,9 +265,9 @@ def test_eval_only_matches_transformers(gpt2_bpe, data_root, tmp_path):
     assert list(printed) == [0]
     # train_jax.py's evaluation batches: streams 1 and 2 of iteration 0, eval_iters batches in one draw
     for i, split in enumerate(['train', 'val']):
-        rng = tu.batch_rng(seed, 0, 1 + i)
-        x, y = tu.get_batch(os.path.join(data_root, 'shakespeare', f'{split}.bin'), rng, eval_iters * batch_size,
-                            block_size)
+        data_path = os.path.join(data_root, 'shakespeare', f'{split}.bin')
+        starts = tu.batch_starts(data_path, seed, 0, 1 + i, (1, eval_iters * batch_size), block_size)
+        x, y = (np.asarray(a[0]) for a in tu.get_batch(tu.make_mesh(), data_path, starts, block_size))
         logits = torch.tensor(hf_logits(model, x))
         expected = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), torch.tensor(y).long().view(-1))
         assert abs(printed[0][i] - expected.item()) <= 1e-4, (split, printed, expected.item())

@@ -1,4 +1,5 @@
 """Tests of jax_train_utils.py: LR schedule, weight decay mask, optimizer, accumulation, sharding."""
+import json
 import math
 import os
 import subprocess
@@ -120,43 +121,106 @@ def test_dropout_is_keyed_by_step_and_off_in_eval():
 
 def test_batches_are_windows_of_the_token_file(tmp_path):
     data = np.arange(1000, dtype=np.uint16)
-    path = tmp_path / 'train.bin'
+    path = str(tmp_path / 'train.bin')
     data.tofile(path)
-    x, y = tu.get_batch(str(path), tu.batch_rng(1337, 5, 0), 64, 16)
-    assert x.shape == y.shape == (64, 16) and x.dtype == np.int32
+    starts = tu.batch_starts(path, 1337, 5, 0, (4, 16), 16)
+    x, y = map(np.asarray, tu.get_batch(tu.make_mesh(), path, starts, 16))
+    assert x.shape == y.shape == (4, 16, 16) and x.dtype == np.int32
+    np.testing.assert_array_equal(x[..., 0], starts)  # token i of this file is i
+    np.testing.assert_array_equal(x - starts[..., None], np.broadcast_to(np.arange(16), x.shape))
     np.testing.assert_array_equal(y, x + 1)  # the targets are the next tokens
-    np.testing.assert_array_equal(x - x[:, :1], np.arange(16)[None].repeat(64, 0))
-    assert x.min() >= 0 and y.max() <= 999
-    x2, _ = tu.get_batch(str(path), tu.batch_rng(1337, 5, 0), 64, 16)
-    x3, _ = tu.get_batch(str(path), tu.batch_rng(1337, 6, 0), 64, 16)
-    assert np.array_equal(x, x2) and not np.array_equal(x, x3)
+    assert starts.min() >= 0 and starts.max() < 1000 - 16
+    # the same rows in any layout, other rows for another iteration or stream
+    np.testing.assert_array_equal(tu.batch_starts(path, 1337, 5, 0, (64,), 16), starts.ravel())
+    assert not np.array_equal(tu.batch_starts(path, 1337, 6, 0, (4, 16), 16), starts)
+    assert not np.array_equal(tu.batch_starts(path, 1337, 5, 1, (4, 16), 16), starts)
 
 
-MULTI_DEVICE = r'''
-import numpy as np, jax
-import jax_train_utils as tu
-import test_jax_train_utils as t
-assert jax.device_count() == 4
+@pytest.mark.parametrize('n_batches,batch_size,n_devices,layout', [
+    (40, 12, 8, (5, 96)),  # nanoGPT's GPT-2 run on 8 GPUs: 5 micro-steps of 12 rows per device
+    (40, 12, 1, (40, 12)),
+    (1, 12, 2, (1, 12)),  # nanoGPT's CPU run on 2 cores: each micro-batch split in two
+    (5, 12, 4, (5, 12)),
+])
+def test_batch_layout(n_batches, batch_size, n_devices, layout):
+    assert tu.batch_layout(n_batches, batch_size, n_devices) == layout
+
+
+def test_batch_layout_says_what_would_work():
+    with pytest.raises(ValueError) as e:
+        tu.batch_layout(5, 12, 8, name='eval_iters')
+    assert str(e.value) == ("eval_iters=5 and batch_size=12 cannot be split over 8 devices: make one of them "
+                            "a multiple of 8 (e.g. --eval_iters=8 or --batch_size=16)")
+
+
+MULTI_DEVICE = r"""
+import json, sys, numpy as np, jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jax_train_utils as tu, test_jax_train_utils as t
+from jax_transformer import GPTConfig, param_shapes
+assert jax.device_count() == 8
 mesh = tu.make_mesh()
 x, y = t.random_batch(16)
-state, loss = tu.train_step(t.make_state(), *tu.shard_batch(mesh, x, y, 2), jax.random.key(1))
-assert state.params['h_0']['attn']['c_attn']['kernel'].sharding.is_fully_replicated
-np.save('params.npy', np.concatenate([np.ravel(p) for p in jax.tree.leaves(state.params)]))
-print(float(loss), float(tu.eval_loss(state, *tu.shard_batch(mesh, x, y, 4))))
-'''
+batch = lambda a, steps: jax.device_put(a.reshape(steps, -1, a.shape[-1]), NamedSharding(mesh, P(None, 'data')))
+out = {}
+for fsdp in (False, True):
+    state = t.make_state()
+    sharding = tu.state_sharding(mesh, state, fsdp, fsdp_min_size=1024)
+    state, step = jax.device_put(state, sharding), tu.make_train_step(sharding)
+    losses = []
+    for i in range(2):  # 2 micro-steps of 8 rows split over 8 devices, then 1 micro-step of 16
+        state, loss = step(state, batch(x, 2 - i), batch(y, 2 - i), jax.random.key(1))
+        losses.append(float(loss))
+    assert all(a.sharding == s for a, s in zip(jax.tree.leaves(state), jax.tree.leaves(sharding)))
+    out[fsdp] = dict(losses=losses, eval=float(tu.eval_loss(state, batch(x, 2), batch(y, 2))),
+                     specs={k: list(s.spec) for k, s in [('c_fc', sharding.params['h_0']['mlp']['c_fc']['kernel']),
+                            ('wte', sharding.params['wte']['embedding']), ('ln_f', sharding.params['ln_f']['scale']),
+                            ('mu', sharding.opt_state[1][0].mu['h_0']['mlp']['c_fc']['kernel'])]},
+                     bytes=tu.bytes_per_device(state, sharding))
+    np.save(f'params_{fsdp}.npy', np.concatenate([np.ravel(p) for p in jax.tree.leaves(state.params)]))
+    if fsdp:  # an FSDP checkpoint restores replicated
+        manager = tu.checkpoint_manager('ckpt')
+        tu.save_checkpoint(manager, state, {'iter_num': 2})
+        manager.wait_until_finished()
+        abstract = jax.eval_shape(t.make_state)
+        replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
+        restored = tu.restore_train_state(manager, abstract, 2, replicated)
+        assert all(a.sharding.is_fully_replicated and np.array_equal(a, b)
+                   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)))
+# gpt2-xl's params and AdamW state on 8 devices
+xl = GPTConfig(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50257, bias=True)
+tx = tu.configure_optimizer(param_shapes(xl), 6e-4, 0.1, 0.9, 0.95, 1.0, True, 2000, 600000, 6e-5)
+xl_state = jax.eval_shape(lambda p: tu.create_train_state(xl, p, tx), param_shapes(xl))
+out['xl'] = [tu.bytes_per_device(xl_state, tu.state_sharding(mesh, xl_state, fsdp, 2 ** 16)) for fsdp in (False, True)]
+print(json.dumps(out))
+"""
 
 
-def test_four_devices_give_the_single_device_result(tmp_path):
-    """The batch sharded over a 4-device mesh (CPU devices, in a subprocess) gives the same loss,
-    eval loss and updated parameters as one device."""
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
+def test_eight_devices_replicated_or_fsdp_give_the_single_device_result(tmp_path):
+    """The batch split over an 8-device mesh (CPU devices, in a subprocess), with the train state
+    replicated or FSDP-sharded, gives the losses, eval loss and parameters of one device; the
+    shardings survive the step, and an FSDP checkpoint restores replicated."""
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
                PYTHONPATH=REPO)
     out = subprocess.run([sys.executable, '-c', MULTI_DEVICE], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    loss4, eval4 = map(float, out.stdout.splitlines()[-1].split())
-    x, y = random_batch(16)
-    state, loss = tu.train_step(make_state(), x.reshape(2, 8, -1), y.reshape(2, 8, -1), jax.random.key(1))
-    assert abs(loss4 - float(loss)) < 1e-6
-    assert abs(eval4 - float(tu.eval_loss(state, x.reshape(4, 4, -1), y.reshape(4, 4, -1)))) < 1e-6
+    result = json.loads(out.stdout.splitlines()[-1])
+    state, x, y = make_state(), *random_batch(16)
+    losses = []
+    for i in range(2):
+        state, loss = tu.train_step(state, x.reshape(2 - i, -1, x.shape[-1]), y.reshape(2 - i, -1, y.shape[-1]),
+                                    jax.random.key(1))
+        losses.append(float(loss))
+    eval1 = float(tu.eval_loss(state, x.reshape(2, 8, -1), y.reshape(2, 8, -1)))
     flat = np.concatenate([np.ravel(p) for p in jax.tree.leaves(state.params)])
-    np.testing.assert_allclose(np.load(tmp_path / 'params.npy'), flat, atol=1e-6)
+    for fsdp in ('false', 'true'):
+        np.testing.assert_allclose(result[fsdp]['losses'], losses, atol=1e-6)
+        assert abs(result[fsdp]['eval'] - eval1) < 1e-6
+        np.testing.assert_allclose(np.load(tmp_path / f'params_{fsdp.title()}.npy'), flat, atol=1e-6)
+    assert all(spec == [] for spec in result['false']['specs'].values())
+    # FSDP splits each big array along its largest dimension that 8 divides; small ones stay whole
+    assert result['true']['specs'] == {'c_fc': [None, 'data'], 'wte': ['data', None], 'ln_f': [], 'mu': [None, 'data']}
+    assert result['true']['bytes'] < result['false']['bytes'] / 2
+    replicated, sharded = result['xl']
+    assert replicated == 3 * 4 * 1_557_611_200 + 3 * 4  # params, Adam's mu and nu in float32; 3 step counts
+    assert sharded < replicated / 8 * 1.01, result['xl']

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configurator import configure
@@ -23,8 +24,8 @@ SMALL_ARGS = ['--block_size=32', '--batch_size=4', '--n_layer=2', '--n_head=2', 
               '--lr_decay_iters=30', '--always_save_checkpoint=True']
 
 
-def run(script, args, check=True):
-    env = dict(os.environ, JAX_PLATFORMS='cpu')
+def run(script, args, check=True, **env):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', **env)
     out = subprocess.run([sys.executable, os.path.join(REPO, script)] + args, cwd=REPO, env=env,
                          capture_output=True, text=True)
     if check:
@@ -154,15 +155,25 @@ def test_sample_from_the_checkpoint(one_go):
     assert bad.returncode == 2 and "the start text has a character" in bad.stderr
 
 
-def test_two_processes_train_as_one_data_parallel_run(data_root, tmp_path):
-    """Two local processes joined through jax.distributed (gloo on CPU): 2 workers, each reading its
-    own batches; process 0 logs and both write the checkpoint, which one process then resumes."""
+def numbers(stdout, prefix):
+    """{iteration: the numbers of a log line} of the lines starting with prefix."""
+    return {int(l.split()[1].rstrip(':')): [float(n) for n in re.findall(r'loss (\d+\.\d+)', l)]
+            for l in lines(stdout, prefix)}
+
+
+def test_same_losses_on_any_topology_and_resume_across_it(data_root, tmp_path):
+    """With dropout 0 a run prints the same losses on 1 CPU device as on two processes of 2 devices
+    each (jax.distributed, gloo collectives), whose checkpoint resumes on one process with 4 devices
+    and FSDP-sharded params, again with the same losses."""
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    args = NANOGPT_CPU_ARGS + SMALL_ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}', '--max_iters=10']
-    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, 'train_jax.py')] + args, cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    args = NANOGPT_CPU_ARGS + SMALL_ARGS + [f'--data_root={data_root}', '--dropout=0.0']
+    one = run('train_jax.py', args + [f'--out_dir={tmp_path / "one"}', '--cpu_devices=1', '--max_iters=13']).stdout
+    assert 'devices: 1 x cpu in 1 process(es), 2 micro-step(s) of 4 rows per device' in one
+    multi = args + [f'--out_dir={tmp_path / "multi"}']
+    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, 'train_jax.py')] + multi + ['--max_iters=10'],
+                              cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=dict(os.environ, JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
                                        JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i)))
              for i in range(2)]
@@ -170,9 +181,21 @@ def test_two_processes_train_as_one_data_parallel_run(data_root, tmp_path):
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     log0, log1 = outs[0][0], outs[1][0]
-    assert 'in 2 process(es), 2 data parallel worker(s)' in log0
-    assert 'tokens per iteration will be: 256' in log0  # 1 micro-step x 2 workers x 4 x 32
-    assert len(lines(log0, 'iter ')) == 11 and not lines(log1, 'iter ') and not lines(log1, 'step ')
-    resumed = run('train_jax.py', args[:-1] + ['--init_from=resume', '--max_iters=12']).stdout
-    assert [l.split(':')[0] for l in lines(resumed, 'step ') + lines(resumed, 'iter ')] == \
-        ['step 10', 'iter 10', 'iter 11', 'iter 12']
+    assert 'devices: 4 x cpu in 2 process(es), 2 micro-step(s) of 1 rows per device' in log0
+    assert 'tokens per iteration will be: 256' in log0 and 'tokens per iteration will be: 256' in one
+    assert not lines(log1, 'iter ') and not lines(log1, 'step ')  # process 0 alone prints
+    resume = ['--init_from=resume', '--max_iters=13', '--fsdp=True', '--fsdp_min_size=512']
+    resumed = run('train_jax.py', multi + resume, XLA_FLAGS='--xla_force_host_platform_device_count=4').stdout
+    assert 'devices: 4 x cpu in 1 process(es), 2 micro-step(s) of 1 rows per device, compute dtype float32, FSDP' \
+        in resumed
+    for prefix in ('iter ', 'step '):
+        expected = numbers(one, prefix)
+        got = {**numbers(log0, prefix), **numbers(resumed, prefix)}
+        assert sorted(got) == sorted(expected)
+        np.testing.assert_allclose([got[i] for i in sorted(got)], [expected[i] for i in sorted(got)], atol=1e-4)
+    # the samples are split over 4 devices, and are the same as on one
+    sample = [f'--out_dir={tmp_path / "multi"}', '--device=cpu', '--num_samples=4', '--max_new_tokens=30']
+    on_4 = run('sample_jax.py', sample, XLA_FLAGS='--xla_force_host_platform_device_count=4').stdout
+    on_1 = run('sample_jax.py', sample + ['--cpu_devices=1']).stdout
+    assert on_4 == on_1.replace('Overriding: cpu_devices = 1\n', '')
+    assert on_4.count('---------------') == 4

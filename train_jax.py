@@ -65,6 +65,9 @@ device = 'cuda'  # 'cpu' forces the CPU; any other value uses the GPUs/TPUs when
 dtype = 'auto'  # 'float32' or 'bfloat16' compute ('auto': bfloat16 on GPU/TPU, float32 on CPU)
 compile = True  # ignored: JAX always compiles the training step with XLA
 seed = 1337  # seeds the init, the dropout and the data sampling
+cpu_devices = 0  # on CPU, the JAX devices the cores become: 0 one per core (as the batch splits), 1 turns it off
+fsdp = False  # shard params and optimizer state over the devices, for models too big for one device
+fsdp_min_size = 2 ** 16  # with fsdp, arrays with fewer elements stay replicated on every device
 peak_flops = 0.0  # peak FLOP/s of one device, for MFU; 0.0 looks the device up
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
@@ -82,34 +85,30 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_train_utils as tu
 from jax_transformer import (GPTConfig, init_params, param_shapes, count_params, crop_block_size, estimate_mfu,
                              from_pretrained)
 
-tu.configure_devices(device, batch_size)
+tu.configure_devices(device, cpu_devices, [(gradient_accumulation_steps, batch_size), (eval_iters, batch_size)])
 tu.init_distributed()
 master_process = jax.process_index() == 0  # this process does logging, checkpointing etc.
 try:
     dtype = tu.resolve_dtype(dtype)
+    # one iteration is gradient_accumulation_steps x batch_size rows, however many devices share it
+    train_layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count())
+    eval_layout = tu.batch_layout(eval_iters, batch_size, jax.device_count(), name='eval_iters')
 except ValueError as e:
     die(str(e))
-world_size = tu.data_parallel_size()
-if gradient_accumulation_steps % world_size != 0:
-    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
-        f"number of data parallel workers ({world_size})")
-gradient_accumulation_steps //= world_size  # micro-steps per worker
-local_batch = batch_size * world_size // jax.process_count()  # rows this process reads per micro-step
-tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 devices = jax.devices()
 if master_process:
     print(f"devices: {len(devices)} x {devices[0].device_kind} in {jax.process_count()} process(es), "
-          f"{world_size} data parallel worker(s), compute dtype {dtype}")
+          f"{train_layout[0]} micro-step(s) of {train_layout[1] // len(devices)} rows per device, "
+          f"compute dtype {dtype}{', FSDP' if fsdp else ''}")
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
     os.makedirs(out_dir, exist_ok=True)
 mesh = tu.make_mesh()
-replicated = NamedSharding(mesh, P())
 # XLA's CPU collectives can deadlock with several steps queued on several CPU devices: keep one in flight
 one_step_in_flight = jax.default_backend() == 'cpu' and len(devices) > 1
 
@@ -127,11 +126,11 @@ if not os.path.exists(os.path.join(data_dir, 'train.bin')):
     multihost_utils.sync_global_devices('data prepared')
 
 
-def get_batch(split, iter_num, n_steps, stream):
-    """(n_steps, B, T) global batches of split, for iteration iter_num."""
-    rng = tu.batch_rng(seed, iter_num, stream)
-    x, y = tu.get_batch(os.path.join(data_dir, f'{split}.bin'), rng, n_steps * local_batch, block_size)
-    return tu.shard_batch(mesh, x, y, n_steps)
+def get_batch(split, iter_num, layout, stream):
+    """The global batches x, y (steps, rows, T) of split for iteration iter_num."""
+    data_path = os.path.join(data_dir, f'{split}.bin')
+    starts = tu.batch_starts(data_path, seed, iter_num, stream, layout, block_size)
+    return tu.get_batch(mesh, data_path, starts, block_size)
 
 
 # init these up here, can override if init_from='resume' (i.e. from a checkpoint)
@@ -151,6 +150,7 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   bias=bias, vocab_size=None, dropout=dropout,
                   gelu_approximate=False)  # start with model_args from command line
 manager = tu.checkpoint_manager(out_dir)
+param_sharding = lambda config: tu.state_sharding(mesh, param_shapes(config), fsdp, fsdp_min_size)
 ckpt_meta = tu.restore_meta(manager)
 if init_from != 'resume' and ckpt_meta is not None:
     die(f"out_dir {out_dir!r} already holds a checkpoint (iter {ckpt_meta['iter_num']}): "
@@ -162,7 +162,7 @@ if init_from == 'scratch':
         print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
     model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
     model_config = GPTConfig(**model_args, dtype=dtype)
-    params = jax.jit(init_params, static_argnums=0, out_shardings=replicated)(model_config, key)
+    params = jax.jit(init_params, static_argnums=0, out_shardings=param_sharding(model_config))(model_config, key)
 elif init_from == 'resume':
     print(f"Resuming training from {out_dir}")
     if ckpt_meta is None:
@@ -186,7 +186,7 @@ else:
     # read off the created config params, so we can store them into checkpoint correctly
     for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'gelu_approximate']:
         model_args[k] = getattr(model_config, k)
-    params = jax.device_put(params, replicated)
+    params = jax.device_put(params, param_sharding(model_config))
 
 # crop down the model block size if desired, using model surgery
 if block_size < model_config.block_size:
@@ -197,13 +197,18 @@ if block_size < model_config.block_size:
 abstract_params = param_shapes(model_config)
 tx = tu.configure_optimizer(abstract_params, learning_rate, weight_decay, beta1, beta2, grad_clip,
                             decay_lr, warmup_iters, lr_decay_iters, min_lr)
+abstract_state = jax.eval_shape(partial(tu.create_train_state, model_config, tx=tx), abstract_params)
+state_sharding = tu.state_sharding(mesh, abstract_state, fsdp, fsdp_min_size)
 if init_from == 'resume':
-    abstract_state = jax.eval_shape(partial(tu.create_train_state, model_config, tx=tx), abstract_params)
-    state = tu.restore_train_state(manager, abstract_state, iter_num, replicated)
+    state = tu.restore_train_state(manager, abstract_state, iter_num, state_sharding)
 else:
     # the params are donated: a second copy of gpt2-xl would cost 6 GB at start
-    state = jax.jit(tu.create_train_state, static_argnums=(0, 2), out_shardings=replicated,
+    state = jax.jit(tu.create_train_state, static_argnums=(0, 2), out_shardings=state_sharding,
                     donate_argnums=1)(model_config, params, tx)
+train_step = tu.make_train_step(state_sharding)
+if master_process:
+    state_mib = tu.bytes_per_device(abstract_state, state_sharding) / 2**20
+    print(f"params and optimizer state: {state_mib:,.1f} MiB per device")
 n_params = count_params(state.params)
 print(f"number of parameters: {n_params / 1e6:.2f}M")
 if peak_flops == 0.0:
@@ -215,7 +220,7 @@ def estimate_loss():
     """Mean loss over eval_iters batches of each split, dropout off, on all devices."""
     out = {}
     for stream, split in ((1, 'train'), (2, 'val')):
-        x, y = get_batch(split, iter_num, eval_iters, stream)
+        x, y = get_batch(split, iter_num, eval_layout, stream)
         out[split] = float(tu.eval_loss(state, x, y))
     return out
 
@@ -230,7 +235,8 @@ if wandb_log and master_process:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 # training loop
-x, y = get_batch('train', iter_num, gradient_accumulation_steps, 0)  # fetch the very first batch
+# the training batches are read and moved to the devices on a background thread, two ahead
+train_batches = tu.prefetch(lambda it: get_batch('train', it, train_layout, 0), iter_num)
 t0 = time.time()
 iters_timed = 0  # iterations since t0
 local_iter_num = 0  # number of iterations in the lifetime of this process
@@ -257,9 +263,8 @@ while True:
         break
 
     # one jitted step runs all the micro-steps, the gradient accumulation and the update
-    state, loss = tu.train_step(state, x, y, dropout_key)
-    # fetch the next batch while the device works on this step
-    x, y = get_batch('train', iter_num + 1, gradient_accumulation_steps, 0)
+    x, y = next(train_batches)
+    state, loss = train_step(state, x, y, dropout_key)
     if one_step_in_flight:
         jax.block_until_ready(loss)
     iters_timed += 1
@@ -271,7 +276,7 @@ while True:
         dt = (t1 - t0) / iters_timed  # mean time per iteration since the last log
         t0, iters_timed = t1, 0
         if local_iter_num >= 5 and peak_flops > 0:  # let the training loop settle a bit
-            fwdbwd_per_iter = batch_size * gradient_accumulation_steps * world_size
+            fwdbwd_per_iter = batch_size * gradient_accumulation_steps
             mfu = estimate_mfu(model_config, n_params, fwdbwd_per_iter, dt, peak_flops * len(devices))
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {running_mfu * 100:.2f}%")
