@@ -219,12 +219,24 @@ def save_checkpoint(manager, state, meta):
         meta=ocp.args.JsonSave(meta)))
 
 
+def restore_latest(manager, args):
+    """manager.restore of the latest checkpoint; ValueError with a one-line message when it cannot
+    be read into args: written with another optimizer structure (decay_lr) or damaged."""
+    step = manager.latest_step()
+    try:
+        return manager.restore(step, args=args)
+    except Exception as e:  # orbax and tensorstore raise many kinds
+        reason = (str(e).strip().splitlines() or [''])[0][:200].rstrip(':')
+        raise ValueError(f"cannot restore the checkpoint {manager.directory}/{step} ({type(e).__name__}: "
+                         f"{reason}): resume with the settings it was written with (decay_lr changes the "
+                         f"optimizer state), or, if it is damaged, start again in another --out_dir") from None
+
+
 def restore_meta(manager):
     """The metadata of the latest checkpoint, or None when there is none."""
-    step = manager.latest_step()
-    if step is None:
+    if manager.latest_step() is None:
         return None
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    return restore_latest(manager, ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
 
 def with_sharding(abstract, sharding):
@@ -235,7 +247,7 @@ def with_sharding(abstract, sharding):
 def restore_params(manager, abstract_params, sharding):
     """The latest checkpoint's params, placed by sharding."""
     args = ocp.args.Composite(params=ocp.args.StandardRestore(with_sharding(abstract_params, sharding)))
-    return manager.restore(manager.latest_step(), args=args)['params']
+    return restore_latest(manager, args)['params']
 
 
 def restore_model(out_dir, dtype):
@@ -244,7 +256,8 @@ def restore_model(out_dir, dtype):
     manager = checkpoint_manager(out_dir)
     meta = restore_meta(manager)
     if meta is None:
-        raise ValueError(f"no checkpoint in out_dir {out_dir!r}")
+        raise ValueError(f"no checkpoint in out_dir {out_dir!r}: train one with train_jax.py, or point --out_dir "
+                         f"at one")
     config = GPTConfig(**meta['model_args'], dtype=dtype)
     params = restore_params(manager, param_shapes(config), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     return meta, config, params
@@ -255,7 +268,7 @@ def restore_train_state(manager, abstract_state, iter_num, sharding):
     abstract_state = with_sharding(abstract_state, sharding)
     args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_state.params),
                               opt_state=ocp.args.StandardRestore(abstract_state.opt_state))
-    restored = manager.restore(manager.latest_step(), args=args)
+    restored = restore_latest(manager, args)
     return abstract_state.replace(step=jnp.asarray(iter_num, jnp.int32), params=restored['params'],
                                   opt_state=restored['opt_state'])
 

@@ -15,10 +15,10 @@ this is found out automatically.
 import os
 import sys
 import time
-import pickle
 import subprocess
 from functools import partial
 
+import checks
 from configurator import configure, config_keys, die
 
 # -----------------------------------------------------------------------------
@@ -77,6 +77,8 @@ if init_from not in ('scratch', 'resume') + GPT2_MODELS and not os.path.isdir(in
         f"or an existing folder holding a Hugging Face GPT-2")
 if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"init_from='resume' but out_dir {out_dir!r} does not exist")
+checks.check_train_config(config)
+checks.check_out_dir(out_dir)
 
 import numpy as np
 import jax
@@ -107,7 +109,6 @@ if master_process:
     print(f"devices: {len(devices)} x {devices[0].device_kind} in {jax.process_count()} process(es), "
           f"{world_size} data parallel worker(s), compute dtype {dtype}")
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    os.makedirs(out_dir, exist_ok=True)
 mesh = tu.make_mesh()
 replicated = NamedSharding(mesh, P())
 # XLA's CPU collectives can deadlock with several steps queued on several CPU devices: keep one in flight
@@ -118,13 +119,14 @@ data_dir = os.path.join(data_root, dataset)
 if not os.path.exists(os.path.join(data_dir, 'train.bin')):
     prepare = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset, 'prepare.py')
     if dataset not in ('shakespeare_char', 'shakespeare'):
-        die(f"{data_dir}/train.bin not found" +
-            (f": prepare it first with `python {prepare}`" if os.path.exists(prepare) else ""))
+        checks.dataset_missing(data_root, dataset, prepare)
     if master_process:
         print(f"{data_dir}/train.bin not found, preparing it with {prepare}")
         if subprocess.run([sys.executable, prepare, f'--out_dir={data_dir}']).returncode != 0:
             die(f"preparing {dataset} failed")
     multihost_utils.sync_global_devices('data prepared')
+for split in ('train', 'val'):
+    checks.check_token_file(os.path.join(data_dir, f'{split}.bin'), block_size)
 
 
 def get_batch(split, iter_num, n_steps, stream):
@@ -142,8 +144,7 @@ best_val_loss = 1e9
 meta_path = os.path.join(data_dir, 'meta.pkl')
 meta_vocab_size = None
 if os.path.exists(meta_path):
-    with open(meta_path, 'rb') as f:
-        meta_vocab_size = pickle.load(f)['vocab_size']
+    meta_vocab_size = checks.read_meta(meta_path, ['vocab_size'])['vocab_size']
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 
 # model init
@@ -151,10 +152,9 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   bias=bias, vocab_size=None, dropout=dropout,
                   gelu_approximate=False)  # start with model_args from command line
 manager = tu.checkpoint_manager(out_dir)
-ckpt_meta = tu.restore_meta(manager)
-if init_from != 'resume' and ckpt_meta is not None:
-    die(f"out_dir {out_dir!r} already holds a checkpoint (iter {ckpt_meta['iter_num']}): "
-        f"continue it with --init_from=resume or choose another --out_dir")
+if init_from != 'resume' and manager.latest_step() is not None:
+    die(f"out_dir {out_dir!r} already holds a checkpoint (iter {manager.latest_step()}): continue it with "
+        f"--init_from=resume or choose another --out_dir")
 key = jax.random.key(seed)
 if init_from == 'scratch':
     print("Initializing a new model from scratch")
@@ -165,8 +165,14 @@ if init_from == 'scratch':
     params = jax.jit(init_params, static_argnums=0, out_shardings=replicated)(model_config, key)
 elif init_from == 'resume':
     print(f"Resuming training from {out_dir}")
+    try:
+        ckpt_meta = tu.restore_meta(manager)
+    except ValueError as e:
+        die(str(e))
     if ckpt_meta is None:
-        die(f"init_from='resume' but {out_dir!r} holds no checkpoint")
+        die(f"init_from='resume' but {out_dir!r} holds no checkpoint: train from scratch first, or point "
+            f"--out_dir at the run to resume")
+    checks.check_resume(ckpt_meta, block_size, meta_vocab_size, meta_path)
     # force these config attributes to be equal otherwise we can't even resume training
     # the rest of the attributes (e.g. dropout) can stay as desired from command line
     for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'gelu_approximate']:
@@ -193,13 +199,22 @@ if block_size < model_config.block_size:
     params, model_config = crop_block_size(params, model_config, block_size)
     model_args['block_size'] = block_size  # so that the checkpoint will have the right value
 
+# every token of the data must be in the model's vocabulary
+vocab_from = {'scratch': meta_path if meta_vocab_size else "GPT-2's, padded", 'resume': "the checkpoint's"}
+for split in ('train', 'val'):
+    checks.check_token_ids(os.path.join(data_dir, f'{split}.bin'), model_config.vocab_size,
+                           vocab_from.get(init_from, init_from))
+
 # optimizer
 abstract_params = param_shapes(model_config)
 tx = tu.configure_optimizer(abstract_params, learning_rate, weight_decay, beta1, beta2, grad_clip,
                             decay_lr, warmup_iters, lr_decay_iters, min_lr)
 if init_from == 'resume':
     abstract_state = jax.eval_shape(partial(tu.create_train_state, model_config, tx=tx), abstract_params)
-    state = tu.restore_train_state(manager, abstract_state, iter_num, replicated)
+    try:
+        state = tu.restore_train_state(manager, abstract_state, iter_num, replicated)
+    except ValueError as e:
+        die(str(e))
 else:
     # the params are donated: a second copy of gpt2-xl would cost 6 GB at start
     state = jax.jit(tu.create_train_state, static_argnums=(0, 2), out_shardings=replicated,

@@ -1,0 +1,162 @@
+"""Robustness, tested as a user meets it: every bad input stops with a one-line error before any
+work starts."""
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from test_train import REPO, SMALL_ARGS
+
+# the tiny model of test_train.py, dropout and 2 micro-steps included, on a tiny dataset, checkpoints at 4, 8, 12
+ARGS = SMALL_ARGS + ['--device=cpu', '--dataset=tiny', '--log_interval=1', '--eval_interval=4', '--max_iters=12']
+WORDS = ['the', 'cat', 'sat', 'on', 'a', 'mat', 'and', 'dog', 'ran', 'far', 'away,', 'home.\n']
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+    """The runs share a compilation cache: the same model compiles once for the whole module."""
+    return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
+                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+
+
+def run(script, args, env):
+    out = subprocess.run([sys.executable, os.path.join(REPO, script)] + args, cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    return out.returncode, out.stdout, out.stderr
+
+
+def write_dataset(root, name, train, val, meta):
+    os.makedirs(root / name)
+    np.asarray(train, dtype=np.uint16).tofile(root / name / 'train.bin')
+    np.asarray(val, dtype=np.uint16).tofile(root / name / 'val.bin')
+    with open(root / name / 'meta.pkl', 'wb') as f:
+        pickle.dump(meta, f)
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    """'tiny', a character dataset of 30 characters, and broken copies of it."""
+    root = tmp_path_factory.mktemp('data')
+    text = ' '.join(np.random.default_rng(0).choice(WORDS, size=8000))
+    chars = sorted(set(text + 'bcdefghijklopqsuvwxyz'))
+    meta = {'vocab_size': len(chars), 'stoi': {c: i for i, c in enumerate(chars)}, 'itos': dict(enumerate(chars))}
+    ids = np.array([meta['stoi'][c] for c in text])
+    n = int(0.9 * len(ids))
+    write_dataset(root, 'tiny', ids[:n], ids[n:], meta)
+    write_dataset(root, 'big_ids', np.append(ids[:n], 99), ids[n:], meta)
+    write_dataset(root, 'no_vocab', ids[:n], ids[n:], {'stoi': meta['stoi'], 'itos': meta['itos']})
+    write_dataset(root, 'other_vocab', ids[:n], ids[n:], dict(meta, vocab_size=40))
+    write_dataset(root, 'odd_bytes', ids[:n], ids[n:], meta)
+    with open(root / 'odd_bytes' / 'train.bin', 'ab') as f:
+        f.write(b'\0')
+    return root
+
+
+@pytest.fixture(scope='module')
+def reference(data_root, env, tmp_path_factory):
+    """The uninterrupted run the others are compared with: its out_dir (a checkpoint at iter 12) and stdout."""
+    out_dir = tmp_path_factory.mktemp('reference')
+    code, stdout, stderr = run('train_jax.py', ARGS + [f'--data_root={data_root}', f'--out_dir={out_dir}'], env)
+    assert code == 0, stderr[-3000:]
+    assert sorted(os.listdir(out_dir)) == ['12']
+    return out_dir, stdout
+
+
+# -----------------------------------------------------------------------------
+# bad input: each case as a user would type it, the exact one-line error, exit code 2, no work done
+
+TRAIN = ARGS + ['--data_root={data}', '--out_dir={new}']
+RESUME = ARGS + ['--data_root={data}', '--out_dir={ref}', '--init_from=resume']
+SAMPLE = ['--device=cpu', '--out_dir={ref}', '--max_new_tokens=5']
+BAD_INPUT = [
+    # configuration
+    ('train_jax.py', ['--bacth_size=4'], "unknown config key 'bacth_size' (did you mean 'batch_size'?)"),
+    ('train_jax.py', ['--zzz=4'], "unknown config key 'zzz'"),
+    ('train_jax.py', ['--batch_size=2.5'], "--batch_size=2.5: expected a int like the default 12, got a float"),
+    ('train_jax.py', ['--compile=yes'], "--compile=yes: expected a bool like the default True, got a str"),
+    ('train_jax.py', ['--batch_size'], "--batch_size: overrides are written --key=value"),
+    ('train_jax.py', ['config/no_such_config.py'],
+     "cannot read config file config/no_such_config.py: No such file or directory"),
+    ('train_jax.py', ['{broken_config}'], "config file {broken_config}, line 2: SyntaxError: invalid syntax"),
+    ('train_jax.py', TRAIN + ['--n_embd=30', '--n_head=4'], "n_embd=30 is not divisible by n_head=4: every head "
+     "gets n_embd / n_head channels, choose n_embd a multiple of n_head"),
+    ('train_jax.py', TRAIN + ['--batch_size=0'], "batch_size=0 is not allowed: batch_size must be 1 or more"),
+    ('train_jax.py', TRAIN + ['--learning_rate=-0.001'],
+     "learning_rate=-0.001 is not allowed: learning_rate must be 0 or more"),
+    ('train_jax.py', TRAIN + ['--eval_iters=0'], "eval_iters=0 is not allowed: eval_iters must be 1 or more"),
+    ('train_jax.py', TRAIN + ['--dropout=1.0'], "dropout=1.0 is not allowed: dropout must be at least 0 and below 1"),
+    ('train_jax.py', TRAIN + ['--dtype=float64'], "unknown dtype 'float64': use 'float32', 'bfloat16' or 'auto'"),
+    ('train_jax.py', TRAIN + ['--dtype=float16'], "dtype 'float16' needs loss scaling, which this port does not "
+     "do: use --dtype=bfloat16 (GPU/TPU) or --dtype=float32"),
+    ('train_jax.py', TRAIN + ['--init_from=gpt3'], "init_from='gpt3': use 'scratch', 'resume', one of gpt2, "
+     "gpt2-medium, gpt2-large, gpt2-xl or an existing folder holding a Hugging Face GPT-2"),
+    # out_dir
+    ('train_jax.py', TRAIN + ['--out_dir={file}/out'],
+     "cannot write to out_dir '{file}/out': Not a directory: choose another --out_dir"),
+    ('train_jax.py', TRAIN + ['--out_dir={ref}'], "out_dir '{ref}' already holds a checkpoint (iter 12): continue "
+     "it with --init_from=resume or choose another --out_dir"),
+    # data
+    ('train_jax.py', TRAIN + ['--dataset=tiyn'], "{data}/tiyn/train.bin not found: there is no dataset 'tiyn' in "
+     "data_root '{data}': did you mean --dataset=tiny?"),
+    ('train_jax.py', TRAIN + ['--data_root={new}'], "{new}/tiny/train.bin not found: there is no dataset 'tiny' in "
+     "data_root '{new}': check --dataset and --data_root"),
+    ('train_jax.py', TRAIN + ['--dataset=openwebtext'], "{data}/openwebtext/train.bin not found: prepare it first "
+     f"with `python {REPO}/data/openwebtext/prepare.py`"),
+    ('train_jax.py', TRAIN + ['--dataset=odd_bytes'], "{data}/odd_bytes/train.bin is 60,051 bytes, not a whole "
+     "number of uint16 tokens: the file is damaged or was not written by a prepare.py; prepare the dataset again"),
+    ('train_jax.py', TRAIN + ['--dataset=big_ids'], "{data}/big_ids/train.bin holds token id 99, but vocab_size is "
+     "30 ({data}/big_ids/meta.pkl): the data was made with another vocabulary; prepare it again or choose the "
+     "matching --dataset"),
+    ('train_jax.py', TRAIN + ['--dataset=no_vocab'], "{data}/no_vocab/meta.pkl has no vocab_size: it was not "
+     "written by a prepare.py of this project; prepare the dataset again"),
+    ('train_jax.py', TRAIN + ['--block_size=4000'], "{data}/tiny/val.bin holds 3,337 tokens, too few for a block "
+     "of block_size=4000 and its next token: use a smaller --block_size or more data"),
+    # resuming
+    ('train_jax.py', TRAIN + ['--init_from=resume', '--out_dir=/no/such/dir'],
+     "init_from='resume' but out_dir '/no/such/dir' does not exist"),
+    ('train_jax.py', TRAIN + ['--init_from=resume', '--out_dir={empty}'], "init_from='resume' but '{empty}' holds "
+     "no checkpoint: train from scratch first, or point --out_dir at the run to resume"),
+    ('train_jax.py', RESUME + ['--block_size=64'],
+     "block_size=64, but the checkpoint's model has block_size 32: resume with --block_size=32"),
+    ('train_jax.py', RESUME + ['--dataset=other_vocab'], "{data}/other_vocab/meta.pkl has vocab_size 40, but the "
+     "checkpoint's model has 30: resume on the dataset it was trained on (--dataset=tiny)"),
+    ('train_jax.py', RESUME + ['--decay_lr=False'], "cannot restore the checkpoint {ref}/12 (ValueError: "
+     "User-provided restore item and on-disk value metadata tree structures do not match): resume with the "
+     "settings it was written with (decay_lr changes the optimizer state), or, if it is damaged, start again in "
+     "another --out_dir"),
+    ('train_jax.py', RESUME + ['--out_dir={damaged}'], "cannot restore the checkpoint {damaged}/12 "
+     "(JSONDecodeError: Expecting value: line 1 column 1 (char 0)): resume with the settings it was written with "
+     "(decay_lr changes the optimizer state), or, if it is damaged, start again in another --out_dir"),
+    # sampling
+    ('sample_jax.py', SAMPLE + ['--top_k=0'], "top_k=0 is not allowed: top_k must be 1 or more"),
+    ('sample_jax.py', SAMPLE + ['--temperature=-1.0'], "temperature=-1.0 is not allowed: temperature must be above "
+     "0 (below 1 is less random, e.g. 0.01 is nearly greedy)"),
+    ('sample_jax.py', SAMPLE + ['--start=the caf\u00e9~'], "the start text has characters that are not in the "
+     "vocabulary of {data}/tiny/meta.pkl: '~' '\u00e9': write it with the dataset's characters"),
+    ('sample_jax.py', SAMPLE + ['--out_dir={empty}'],
+     "no checkpoint in out_dir '{empty}': train one with train_jax.py, or point --out_dir at one"),
+]
+
+
+@pytest.fixture(scope='module')
+def bad_input_paths(data_root, reference, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('bad_input')
+    (tmp / 'empty').mkdir()
+    (tmp / 'file').write_text('')
+    (tmp / 'broken.py').write_text("batch_size = 4\nn_layer = = 2\n")
+    shutil.copytree(reference[0], tmp / 'damaged')
+    (tmp / 'damaged' / '12' / 'meta' / 'metadata').write_text('garbage')
+    return dict(data=data_root, ref=reference[0], new=tmp / 'new', empty=tmp / 'empty', file=tmp / 'file',
+                damaged=tmp / 'damaged', broken_config=tmp / 'broken.py')
+
+
+@pytest.mark.parametrize('script,args,message', BAD_INPUT, ids=[m[:40] for _, _, m in BAD_INPUT])
+def test_bad_input_stops_with_one_line_before_any_work(script, args, message, bad_input_paths, env):
+    code, stdout, stderr = run(script, [a.format(**bad_input_paths) for a in args], env)
+    assert (code, stderr) == (2, f"error: {message.format(**bad_input_paths)}\n")
+    assert 'number of parameters' not in stdout
