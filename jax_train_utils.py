@@ -6,6 +6,7 @@ learning rate schedule, the jitted train and eval steps, and checkpoints.
 import functools
 import math
 import os
+import signal
 
 import numpy as np
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_transformer import GPT, GPTConfig, param_shapes
@@ -203,11 +205,13 @@ train_step = jax.jit(_train_step, donate_argnums=0)
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def checkpoint_manager(out_dir):
+def checkpoint_manager(out_dir, read_only=False):
     """An orbax CheckpointManager keeping the latest checkpoint of out_dir. Each save is written
     to a temporary folder and renamed when complete, and the previous one is deleted only then,
-    so out_dir always holds a restorable checkpoint."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    so out_dir always holds a restorable checkpoint, even after a kill -9 during a save; the
+    temporary folder such a kill leaves is deleted when the next training run opens out_dir.
+    read_only (sampling, export) creates and deletes nothing, so it leaves a save in progress alone."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(os.path.abspath(out_dir), options=options)
 
 
@@ -253,7 +257,7 @@ def restore_params(manager, abstract_params, sharding):
 def restore_model(out_dir, dtype):
     """(metadata, GPTConfig, params on the first device) of out_dir's latest checkpoint, for
     sampling and export. ValueError when out_dir holds none."""
-    manager = checkpoint_manager(out_dir)
+    manager = checkpoint_manager(out_dir, read_only=True)
     meta = restore_meta(manager)
     if meta is None:
         raise ValueError(f"no checkpoint in out_dir {out_dir!r}: train one with train_jax.py, or point --out_dir "
@@ -271,6 +275,34 @@ def restore_train_state(manager, abstract_state, iter_num, sharding):
     restored = restore_latest(manager, args)
     return abstract_state.replace(step=jnp.asarray(iter_num, jnp.int32), params=restored['params'],
                                   opt_state=restored['opt_state'])
+
+
+# -----------------------------------------------------------------------------
+# faults: stop signals
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def catch_stop_signals():
+    """From now on SIGTERM (a preempted machine) and SIGINT (^C) only ask training to stop: the
+    returned list receives the signal's number, and the loop saves a checkpoint after the current
+    iteration and exits. A second signal of the same kind acts at once, as it does by default."""
+    received = []
+    def handler(signum, frame):
+        received.append(signum)  # no printing here: the signal may have interrupted a print
+        signal.signal(signum, previous[signum])
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    return received
+
+
+def stop_signal(received, at_sync_point):
+    """The number of the stop signal received, 0 when none. With several processes all must stop
+    at the same iteration, so they agree (the signal any of them received) at sync points only."""
+    if jax.process_count() == 1:
+        return received[0] if received else 0
+    if not at_sync_point:
+        return 0
+    return int(multihost_utils.process_allgather(np.int32(received[0] if received else 0)).max())
 
 
 # -----------------------------------------------------------------------------

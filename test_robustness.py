@@ -1,15 +1,19 @@
 """Robustness, tested as a user meets it: every bad input stops with a one-line error before any
-work starts."""
+work starts; SIGTERM, ^C and kill -9 lose no work; the same config and seed
+print the same losses."""
 import os
 import pickle
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from test_train import REPO, SMALL_ARGS
+from test_train import REPO, SMALL_ARGS, lines
 
 # the tiny model of test_train.py, dropout and 2 micro-steps included, on a tiny dataset, checkpoints at 4, 8, 12
 ARGS = SMALL_ARGS + ['--device=cpu', '--dataset=tiny', '--log_interval=1', '--eval_interval=4', '--max_iters=12']
@@ -24,10 +28,15 @@ def env(tmp_path_factory):
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
 
 
+def start(script, args, env, stdout=subprocess.PIPE):
+    return subprocess.Popen([sys.executable, os.path.join(REPO, script)] + args, cwd=REPO, env=env, text=True,
+                            stdout=stdout, stderr=subprocess.PIPE)
+
+
 def run(script, args, env):
-    out = subprocess.run([sys.executable, os.path.join(REPO, script)] + args, cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
-    return out.returncode, out.stdout, out.stderr
+    p = start(script, args, env)
+    stdout, stderr = p.communicate(timeout=300)
+    return p.returncode, stdout, stderr
 
 
 def write_dataset(root, name, train, val, meta):
@@ -65,6 +74,11 @@ def reference(data_root, env, tmp_path_factory):
     assert code == 0, stderr[-3000:]
     assert sorted(os.listdir(out_dir)) == ['12']
     return out_dir, stdout
+
+
+def losses(stdout):
+    """The loss lines, without their timings."""
+    return [l.split(', time')[0] for l in lines(stdout, 'iter ')], lines(stdout, 'step ')
 
 
 # -----------------------------------------------------------------------------
@@ -160,3 +174,58 @@ def test_bad_input_stops_with_one_line_before_any_work(script, args, message, ba
     code, stdout, stderr = run(script, [a.format(**bad_input_paths) for a in args], env)
     assert (code, stderr) == (2, f"error: {message.format(**bad_input_paths)}\n")
     assert 'number of parameters' not in stdout
+
+
+# -----------------------------------------------------------------------------
+# interruption, determinism
+
+def test_sigterm_saves_and_the_resumed_run_prints_the_same_losses(reference, data_root, env, tmp_path):
+    """SIGTERM during iteration 3 or so: the iteration is finished, a checkpoint written, exit code
+    143. Resumed, the run prints the losses of the uninterrupted one, dropout and 2 micro-steps
+    included; up to the signal the two runs of the same config and seed printed the same too."""
+    _, uninterrupted = reference
+    args = ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}']
+    p = start('train_jax.py', args, env)
+    stdout = ''
+    for line in p.stdout:
+        stdout += line
+        if line.startswith('iter 2:'):
+            p.send_signal(signal.SIGTERM)
+    assert p.wait() == 128 + signal.SIGTERM, p.stderr.read()[-3000:]
+    stopped_at = int(re.search(r'^SIGTERM received: stopping at iter (\d+)\nsaving checkpoint', stdout, re.M)[1])
+    assert 3 <= stopped_at < 12 and os.listdir(tmp_path) == [str(stopped_at)]
+    code, resumed, stderr = run('train_jax.py', args + ['--init_from=resume'], env)
+    assert code == 0, stderr[-3000:]
+    iters, steps = losses(stdout)
+    more_iters, more_steps = losses(resumed)
+    assert len(iters) == stopped_at and (iters + more_iters, steps + more_steps) == losses(uninterrupted)
+
+
+def test_kill_9_while_saving_then_resume_and_interrupt(reference, data_root, env, tmp_path):
+    """kill -9 while a checkpoint is being written leaves the previous one restorable, and orbax's
+    unfinished folder does no harm; the resumed run prints the uninterrupted run's losses, then ^C
+    stops it with a checkpoint at the iteration it names."""
+    iters, _ = losses(reference[1])
+    args = ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}', '--eval_interval=1']  # save every iteration
+    p = start('train_jax.py', args + ['--max_iters=1000'], env, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        names = os.listdir(tmp_path)
+        if any(n.isdigit() for n in names) and any('tmp' in n for n in names):
+            p.kill()
+            break
+        time.sleep(0.001)
+    assert p.wait() == -signal.SIGKILL
+    names = os.listdir(tmp_path)
+    saved = max(int(n) for n in names if n.isdigit())
+    assert f'{saved + 1}.orbax-checkpoint-tmp' in names  # killed while writing the next one
+    p = start('train_jax.py', args + ['--init_from=resume'], env)
+    stdout = ''
+    for line in p.stdout:
+        stdout += line
+        if line.startswith(f'iter {saved + 2}:'):
+            p.send_signal(signal.SIGINT)
+    assert p.wait() == 128 + signal.SIGINT, p.stderr.read()[-3000:]
+    stopped_at = int(re.search(r'^SIGINT received: stopping at iter (\d+)$', stdout, re.M)[1])
+    assert losses(stdout)[0] == iters[saved:stopped_at]
+    assert os.listdir(tmp_path) == [str(stopped_at)]  # the unfinished folder was cleaned up too

@@ -13,6 +13,7 @@ this is found out automatically.
 """
 
 import os
+import signal
 import sys
 import time
 import subprocess
@@ -235,6 +236,14 @@ def estimate_loss():
     return out
 
 
+def save_checkpoint():
+    """Write the state at iter_num to out_dir."""
+    if master_process:
+        print(f"saving checkpoint to {out_dir}")
+    tu.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
+                                        'best_val_loss': best_val_loss, 'config': config})
+
+
 def get_lr(it):
     return float(tu.get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr)) if decay_lr else learning_rate
 
@@ -250,6 +259,8 @@ t0 = time.time()
 iters_timed = 0  # iterations since t0
 local_iter_num = 0  # number of iterations in the lifetime of this process
 running_mfu = -1.0
+stop_signals = tu.catch_stop_signals()  # SIGTERM, ^C: finish the iteration, save, exit
+stop = 0
 while True:
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0:
@@ -261,12 +272,8 @@ while True:
                        "lr": get_lr(iter_num), "mfu": running_mfu * 100})
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = losses['val']
-            if iter_num > 0 and iter_num != manager.latest_step():
-                if master_process:
-                    print(f"saving checkpoint to {out_dir}")
-                tu.save_checkpoint(manager, state, {
-                    'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-                    'config': config})
+            if local_iter_num > 0:  # not the state this run started from
+                save_checkpoint()
         t0, iters_timed = time.time(), 0  # time the training iterations only
     if eval_only:
         break
@@ -296,5 +303,13 @@ while True:
     # termination conditions
     if iter_num > max_iters:
         break
+    stop = tu.stop_signal(stop_signals, iter_num % log_interval == 0)
+    if stop:
+        if master_process:
+            print(f"{signal.Signals(stop).name} received: stopping at iter {iter_num}")
+        save_checkpoint()
+        break
 
 manager.wait_until_finished()
+if stop:
+    sys.exit(128 + stop)  # what a shell reports for a process killed by the signal
