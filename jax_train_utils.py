@@ -278,7 +278,7 @@ def restore_train_state(manager, abstract_state, iter_num, sharding):
 
 
 # -----------------------------------------------------------------------------
-# faults: stop signals
+# faults: stop signals and divergence
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -303,6 +303,12 @@ def stop_signal(received, at_sync_point):
     if not at_sync_point:
         return 0
     return int(multihost_utils.process_allgather(np.int32(received[0] if received else 0)).max())
+
+
+@jax.jit
+def all_finite(tree):
+    """Whether every number in the arrays of tree is finite: neither NaN nor infinite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
 
 
 # -----------------------------------------------------------------------------

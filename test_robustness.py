@@ -1,6 +1,7 @@
 """Robustness, tested as a user meets it: every bad input stops with a one-line error before any
-work starts; SIGTERM, ^C and kill -9 lose no work; the same config and seed
+work starts; SIGTERM, ^C, kill -9 and a diverging loss lose no work; the same config and seed
 print the same losses."""
+import hashlib
 import os
 import pickle
 import re
@@ -79,6 +80,11 @@ def reference(data_root, env, tmp_path_factory):
 def losses(stdout):
     """The loss lines, without their timings."""
     return [l.split(', time')[0] for l in lines(stdout, 'iter ')], lines(stdout, 'step ')
+
+
+def file_hashes(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): hashlib.sha256(open(os.path.join(d, f), 'rb').read()).digest()
+            for d, _, files in os.walk(folder) for f in files}
 
 
 # -----------------------------------------------------------------------------
@@ -177,7 +183,7 @@ def test_bad_input_stops_with_one_line_before_any_work(script, args, message, ba
 
 
 # -----------------------------------------------------------------------------
-# interruption, determinism
+# interruption, divergence, determinism
 
 def test_sigterm_saves_and_the_resumed_run_prints_the_same_losses(reference, data_root, env, tmp_path):
     """SIGTERM during iteration 3 or so: the iteration is finished, a checkpoint written, exit code
@@ -229,3 +235,21 @@ def test_kill_9_while_saving_then_resume_and_interrupt(reference, data_root, env
     stopped_at = int(re.search(r'^SIGINT received: stopping at iter (\d+)$', stdout, re.M)[1])
     assert losses(stdout)[0] == iters[saved:stopped_at]
     assert os.listdir(tmp_path) == [str(stopped_at)]  # the unfinished folder was cleaned up too
+
+
+def test_nan_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(reference, data_root, env, tmp_path):
+    """A learning rate of 1e6 makes the loss NaN in a few iterations. Found at an eval (a resumed
+    run) or at a log line (a run from scratch): exit code 1, and the checkpoint is untouched."""
+    out_dir = tmp_path / 'out'
+    shutil.copytree(reference[0], out_dir)
+    before = file_hashes(out_dir)
+    args = ARGS + [f'--data_root={data_root}', f'--out_dir={out_dir}', '--learning_rate=1e6', '--max_iters=30']
+    kept = f"training diverged; the last checkpoint in '{out_dir}' (iter 12) is kept: resume it with a lower " \
+           f"--learning_rate\n"
+    code, stdout, stderr = run('train_jax.py', args + ['--init_from=resume', '--log_interval=100'], env)
+    assert (code, stderr) == (1, f"error: iter 16: eval loss is nan (train), nan (val): {kept}")
+    assert lines(stdout, 'step ')[-1] == 'step 16: train loss nan, val loss nan' and 'saving' not in stdout
+    code, stdout, stderr = run('train_jax.py', args + [f'--out_dir={tmp_path}/new'], env)
+    assert (code, stderr) == (1, "error: iter 2: loss is nan: training diverged; no checkpoint was written\n")
+    assert lines(stdout, 'iter ')[-1].startswith('iter 2: loss nan,')
+    assert file_hashes(out_dir) == before

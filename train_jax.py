@@ -12,6 +12,7 @@ and on the second: the same with JAX_PROCESS_ID=1. Under SLURM, Open MPI or on a
 this is found out automatically.
 """
 
+import math
 import os
 import signal
 import sys
@@ -237,11 +238,22 @@ def estimate_loss():
 
 
 def save_checkpoint():
-    """Write the state at iter_num to out_dir."""
+    """Write the state at iter_num, never a diverged one: the last good checkpoint stays."""
+    if not tu.all_finite(state.params):
+        diverged("the parameters are not finite")
     if master_process:
         print(f"saving checkpoint to {out_dir}")
     tu.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
                                         'best_val_loss': best_val_loss, 'config': config})
+
+
+def diverged(what):
+    """Stop every process of a run whose loss went NaN or infinite, exit code 1."""
+    manager.wait_until_finished()  # a save in progress is of an earlier, good state: let it complete
+    last = manager.latest_step()
+    die(f"iter {iter_num}: {what}: training diverged; " +
+        (f"the last checkpoint in {out_dir!r} (iter {last}) is kept: resume it with a lower --learning_rate"
+         if last is not None else "no checkpoint was written"), code=1)
 
 
 def get_lr(it):
@@ -267,6 +279,8 @@ while True:
         losses = estimate_loss()
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+            diverged(f"eval loss is {losses['train']} (train), {losses['val']} (val)")
         if wandb_log and master_process:
             wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
                        "lr": get_lr(iter_num), "mfu": running_mfu * 100})
@@ -297,6 +311,9 @@ while True:
             mfu = estimate_mfu(model_config, n_params, fwdbwd_per_iter, dt, peak_flops * len(devices))
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {running_mfu * 100:.2f}%")
+    # a diverged run stops before it can save; every process looks, so that all of them stop
+    if iter_num % log_interval == 0 and not math.isfinite(float(loss)):
+        diverged(f"loss is {float(loss)}")
     iter_num += 1
     local_iter_num += 1
 
