@@ -217,8 +217,13 @@ def checkpoint_manager(out_dir, read_only=False):
 
 def save_checkpoint(manager, state, meta):
     """Save params, optimizer state and the JSON metadata (model_args, iter_num, best_val_loss,
-    config) as separate items, so sampling can read the params alone."""
-    manager.save(meta['iter_num'], args=ocp.args.Composite(
+    config) as separate items, so sampling can read the params alone. A run replacing the
+    checkpoint another run left in out_dir may save at a lower or the same iter_num: force saves
+    below the latest step, and orbax deletes the old checkpoint once the new one is complete; one
+    at the very same iter_num must be deleted first, as orbax never writes over a step."""
+    if meta['iter_num'] in manager.all_steps():
+        manager.delete(meta['iter_num'])
+    manager.save(meta['iter_num'], force=True, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
         meta=ocp.args.JsonSave(meta)))
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -119,7 +120,7 @@ BAD_INPUT = [
     ('train_jax.py', TRAIN + ['--out_dir={file}/out'],
      "cannot write to out_dir '{file}/out': Not a directory: choose another --out_dir"),
     ('train_jax.py', TRAIN + ['--out_dir={ref}'], "out_dir '{ref}' already holds a checkpoint (iter 12): continue "
-     "it with --init_from=resume or choose another --out_dir"),
+     "it with --init_from=resume, choose another --out_dir, or replace it with --overwrite_checkpoint=True"),
     # data
     ('train_jax.py', TRAIN + ['--dataset=tiyn'], "{data}/tiyn/train.bin not found: there is no dataset 'tiyn' in "
      "data_root '{data}': did you mean --dataset=tiny?"),
@@ -239,7 +240,9 @@ def test_kill_9_while_saving_then_resume_and_interrupt(reference, data_root, env
 
 def test_nan_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(reference, data_root, env, tmp_path):
     """A learning rate of 1e6 makes the loss NaN in a few iterations. Found at an eval (a resumed
-    run) or at a log line (a run from scratch): exit code 1, and the checkpoint is untouched."""
+    run) or at a log line (a run from scratch, which --overwrite_checkpoint=True lets start in the
+    same out_dir: the old checkpoint goes only when the new run saves): exit code 1, and the
+    checkpoint is untouched."""
     out_dir = tmp_path / 'out'
     shutil.copytree(reference[0], out_dir)
     before = file_hashes(out_dir)
@@ -249,7 +252,32 @@ def test_nan_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(refer
     code, stdout, stderr = run('train_jax.py', args + ['--init_from=resume', '--log_interval=100'], env)
     assert (code, stderr) == (1, f"error: iter 16: eval loss is nan (train), nan (val): {kept}")
     assert lines(stdout, 'step ')[-1] == 'step 16: train loss nan, val loss nan' and 'saving' not in stdout
-    code, stdout, stderr = run('train_jax.py', args + [f'--out_dir={tmp_path}/new'], env)
-    assert (code, stderr) == (1, "error: iter 2: loss is nan: training diverged; no checkpoint was written\n")
+    code, stdout, stderr = run('train_jax.py', args + ['--overwrite_checkpoint=True'], env)
+    assert (code, stderr) == (1, f"error: iter 2: loss is nan: {kept}")
     assert lines(stdout, 'iter ')[-1].startswith('iter 2: loss nan,')
     assert file_hashes(out_dir) == before
+
+
+def test_overwrite_replaces_the_checkpoint_when_the_new_run_saves(reference, data_root, env, tmp_path):
+    """A new run with --overwrite_checkpoint=True replaces the checkpoint at its first save. It also
+    prints the reference run's losses: the same config and seed give the same losses."""
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    args = ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}', '--max_iters=4', '--overwrite_checkpoint=True']
+    code, stdout, stderr = run('train_jax.py', args, env)
+    assert code == 0, stderr[-3000:]
+    iters, steps = losses(reference[1])
+    assert losses(stdout) == (iters[:5], steps[:2])
+    assert os.listdir(tmp_path) == ['4']
+
+
+def test_a_save_replaces_the_checkpoint_of_another_run_at_any_iteration(tmp_path):
+    """What --overwrite_checkpoint relies on: orbax only writes above the latest step and never over
+    one, yet the new run's first save replaces the old checkpoint at the same or a lower iteration."""
+    import jax_train_utils as tu
+    for iter_num, run_name in ((12, 'old'), (12, 'new'), (4, 'newer')):
+        manager = tu.checkpoint_manager(tmp_path)  # a new run opens out_dir
+        state = SimpleNamespace(params={'w': np.ones(3)}, opt_state={'m': np.zeros(3)})
+        tu.save_checkpoint(manager, state, {'iter_num': iter_num, 'run': run_name})
+        manager.wait_until_finished()
+        assert os.listdir(tmp_path) == [str(iter_num)]
+        assert tu.restore_meta(tu.checkpoint_manager(tmp_path)) == {'iter_num': iter_num, 'run': run_name}

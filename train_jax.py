@@ -33,6 +33,7 @@ eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
 init_from = 'scratch'  # 'scratch' or 'resume' or 'gpt2*' or a Hugging Face GPT-2 folder
+overwrite_checkpoint = False  # if True, a run not resuming replaces out_dir's checkpoint when it saves its own
 # wandb logging
 wandb_log = False  # disabled by default
 wandb_project = 'owt'
@@ -154,9 +155,9 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   bias=bias, vocab_size=None, dropout=dropout,
                   gelu_approximate=False)  # start with model_args from command line
 manager = tu.checkpoint_manager(out_dir)
-if init_from != 'resume' and manager.latest_step() is not None:
+if init_from != 'resume' and manager.latest_step() is not None and not overwrite_checkpoint:
     die(f"out_dir {out_dir!r} already holds a checkpoint (iter {manager.latest_step()}): continue it with "
-        f"--init_from=resume or choose another --out_dir")
+        f"--init_from=resume, choose another --out_dir, or replace it with --overwrite_checkpoint=True")
 key = jax.random.key(seed)
 if init_from == 'scratch':
     print("Initializing a new model from scratch")
