@@ -18,10 +18,10 @@ from ast import literal_eval
 CONFIG_TYPES = (int, float, bool, str)
 
 
-def die(message):
-    """Stop the script with a one-line error and exit code 2."""
+def die(message, code=2):
+    """Stop the script with a one-line error and exit code 2 (a mistake in what it was given)."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def config_keys(config_globals):
@@ -55,7 +55,8 @@ def run_config_file(path, config_globals):
     except Exception as e:
         line = getattr(e, 'lineno', None)
         where = f"{path}, line {line}" if line else path
-        die(f"config file {where}: {type(e).__name__}: {e}")
+        message = e.msg if isinstance(e, SyntaxError) else e  # its str repeats the file and line
+        die(f"config file {where}: {type(e).__name__}: {message}")
 
 
 def configure(config_globals, argv):

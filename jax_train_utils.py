@@ -10,6 +10,7 @@ import importlib.util
 import itertools
 import math
 import os
+import signal
 
 import numpy as np
 import jax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_transformer import GPT, GPTConfig, param_shapes
@@ -263,28 +265,47 @@ def bytes_per_device(abstract_state, sharding):
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def checkpoint_manager(out_dir):
+def checkpoint_manager(out_dir, read_only=False):
     """An orbax CheckpointManager keeping the latest checkpoint of out_dir. Each save is written
     to a temporary folder and renamed when complete, and the previous one is deleted only then,
-    so out_dir always holds a restorable checkpoint."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    so out_dir always holds a restorable checkpoint, even after a kill -9 during a save; the
+    temporary folder such a kill leaves is deleted when the next training run opens out_dir.
+    read_only (sampling, export) creates and deletes nothing, so it leaves a save in progress alone."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(os.path.abspath(out_dir), options=options)
 
 
 def save_checkpoint(manager, state, meta):
     """Save params, optimizer state and the JSON metadata (model_args, iter_num, best_val_loss,
-    config) as separate items, so sampling can read the params alone."""
-    manager.save(meta['iter_num'], args=ocp.args.Composite(
+    config) as separate items, so sampling can read the params alone. A run replacing the
+    checkpoint another run left in out_dir may save at a lower or the same iter_num: force saves
+    below the latest step, and orbax deletes the old checkpoint once the new one is complete; one
+    at the very same iter_num must be deleted first, as orbax never writes over a step."""
+    if meta['iter_num'] in manager.all_steps():
+        manager.delete(meta['iter_num'])
+    manager.save(meta['iter_num'], force=True, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
         meta=ocp.args.JsonSave(meta)))
 
 
+def restore_latest(manager, args):
+    """manager.restore of the latest checkpoint; ValueError with a one-line message when it cannot
+    be read into args: written with another optimizer structure (decay_lr) or damaged."""
+    step = manager.latest_step()
+    try:
+        return manager.restore(step, args=args)
+    except Exception as e:  # orbax and tensorstore raise many kinds
+        reason = (str(e).strip().splitlines() or [''])[0][:200].rstrip(':')
+        raise ValueError(f"cannot restore the checkpoint {manager.directory}/{step} ({type(e).__name__}: "
+                         f"{reason}): resume with the settings it was written with (decay_lr changes the "
+                         f"optimizer state), or, if it is damaged, start again in another --out_dir") from None
+
+
 def restore_meta(manager):
     """The metadata of the latest checkpoint, or None when there is none."""
-    step = manager.latest_step()
-    if step is None:
+    if manager.latest_step() is None:
         return None
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    return restore_latest(manager, ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
 
 def with_sharding(abstract, sharding):
@@ -295,15 +316,16 @@ def with_sharding(abstract, sharding):
 def restore_model(out_dir, dtype, sharding):
     """(metadata, GPTConfig, params placed by sharding) of out_dir's latest checkpoint, for sampling
     and export. ValueError when out_dir holds none."""
-    manager = checkpoint_manager(out_dir)
+    manager = checkpoint_manager(out_dir, read_only=True)
     meta = restore_meta(manager)
     if meta is None:
-        raise ValueError(f"no checkpoint in out_dir {out_dir!r}")
+        raise ValueError(f"no checkpoint in out_dir {out_dir!r}: train one with train_jax.py, or point --out_dir "
+                         f"at one")
     config = GPTConfig(**meta['model_args'], dtype=dtype)
     abstract_params = param_shapes(config)
     abstract_params = with_sharding(abstract_params, jax.tree.map(lambda _: sharding, abstract_params))
     args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-    return meta, config, manager.restore(manager.latest_step(), args=args)['params']
+    return meta, config, restore_latest(manager, args)['params']
 
 
 def restore_train_state(manager, abstract_state, iter_num, sharding):
@@ -312,10 +334,44 @@ def restore_train_state(manager, abstract_state, iter_num, sharding):
     abstract_state = with_sharding(abstract_state, sharding)
     args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_state.params),
                               opt_state=ocp.args.StandardRestore(abstract_state.opt_state))
-    restored = manager.restore(manager.latest_step(), args=args)
+    restored = restore_latest(manager, args)
     step = jax.device_put(jnp.asarray(iter_num, jnp.int32), sharding.step)  # placed as the step returns it
     return abstract_state.replace(step=step, params=restored['params'],
                                   opt_state=restored['opt_state'])
+
+
+# -----------------------------------------------------------------------------
+# faults: stop signals and divergence
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def catch_stop_signals():
+    """From now on SIGTERM (a preempted machine) and SIGINT (^C) only ask training to stop: the
+    returned list receives the signal's number, and the loop saves a checkpoint after the current
+    iteration and exits. A second signal of the same kind acts at once, as it does by default."""
+    received = []
+    def handler(signum, frame):
+        received.append(signum)  # no printing here: the signal may have interrupted a print
+        signal.signal(signum, previous[signum])
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    return received
+
+
+def stop_signal(received, at_sync_point):
+    """The number of the stop signal received, 0 when none. With several processes all must stop
+    at the same iteration, so they agree (the signal any of them received) at sync points only."""
+    if jax.process_count() == 1:
+        return received[0] if received else 0
+    if not at_sync_point:
+        return 0
+    return int(multihost_utils.process_allgather(np.int32(received[0] if received else 0)).max())
+
+
+@jax.jit
+def all_finite(tree):
+    """Whether every number in the arrays of tree is finite: neither NaN nor infinite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
 
 
 # -----------------------------------------------------------------------------

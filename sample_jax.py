@@ -4,8 +4,8 @@ $ python sample_jax.py --out_dir=out-shakespeare-char
 """
 import os
 import sys
-import pickle
 
+import checks
 from configurator import configure, die
 
 # -----------------------------------------------------------------------------
@@ -26,8 +26,7 @@ configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
 if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")
-if num_samples < 1 or max_new_tokens < 1 or temperature <= 0 or top_k < 1:
-    die("num_samples, max_new_tokens, temperature and top_k must be positive")
+checks.check_sample_config(globals())
 
 import jax
 import jax.numpy as jnp
@@ -55,19 +54,22 @@ try:
         params = jax.device_put(params, replicated)
 except ValueError as e:
     die(str(e))
-if init_from != 'resume' and config.vocab_size < 50257:
-    die(f"{init_from} has a vocab_size of {config.vocab_size}, too small for the GPT-2 encoding "
-        f"used with pretrained models: sample its checkpoint with --init_from=resume")
 
 # look for the meta pickle in case it is available in the dataset folder
 load_meta = False
+meta_path = None
 if init_from == 'resume' and 'config' in checkpoint and 'dataset' in checkpoint['config']:
     meta_path = os.path.join(checkpoint['config'].get('data_root', 'data'), checkpoint['config']['dataset'], 'meta.pkl')
     load_meta = os.path.exists(meta_path)
+if not load_meta and config.vocab_size < 50257:  # GPT-2's encoding would give it ids it does not have
+    die(f"the model has a vocab_size of {config.vocab_size}, too small for the GPT-2 encoding: " +
+        (f"it needs the meta.pkl of its dataset, {meta_path}, which is missing" if init_from == 'resume' else
+         "sample its checkpoint with --init_from=resume"))
 if load_meta:
     print(f"Loading meta from {meta_path}...")
-    with open(meta_path, 'rb') as f:
-        meta = pickle.load(f)
+    meta = checks.read_meta(meta_path, ['vocab_size', 'stoi', 'itos'])
+    checks.check_vocab_size(meta_path, meta['vocab_size'], config.vocab_size,
+                            "the dataset was prepared again since the model was trained")
     stoi, itos = meta['stoi'], meta['itos']
     encode = lambda s: [stoi[c] for c in s]
     decode = lambda l: ''.join([itos[i] for i in l])
@@ -85,10 +87,9 @@ if start.startswith('FILE:'):
             start = f.read()
     except OSError as e:
         die(f"cannot read the prompt file {start[5:]}: {e.strerror}")
-try:
-    start_ids = encode(start)
-except KeyError as e:
-    die(f"the start text has a character the model's vocabulary does not: {e.args[0]!r}")
+if load_meta:
+    checks.check_start_chars(start, stoi, meta_path)
+start_ids = encode(start)
 if not start_ids:
     die("the start text is empty")
 

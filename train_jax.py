@@ -12,13 +12,15 @@ and on the second: the same with JAX_PROCESS_ID=1. Under SLURM, Open MPI or on a
 this is found out automatically.
 """
 
+import math
 import os
+import signal
 import sys
 import time
-import pickle
 import subprocess
 from functools import partial
 
+import checks
 from configurator import configure, config_keys, die
 
 # -----------------------------------------------------------------------------
@@ -31,6 +33,7 @@ eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
 init_from = 'scratch'  # 'scratch' or 'resume' or 'gpt2*' or a Hugging Face GPT-2 folder
+overwrite_checkpoint = False  # if True, a run not resuming replaces out_dir's checkpoint when it saves its own
 # wandb logging
 wandb_log = False  # disabled by default
 wandb_project = 'owt'
@@ -80,6 +83,8 @@ if init_from not in ('scratch', 'resume') + GPT2_MODELS and not os.path.isdir(in
         f"or an existing folder holding a Hugging Face GPT-2")
 if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"init_from='resume' but out_dir {out_dir!r} does not exist")
+checks.check_train_config(config)
+checks.check_out_dir(out_dir)
 
 import numpy as np
 import jax
@@ -107,7 +112,6 @@ if master_process:
           f"{train_layout[0]} micro-step(s) of {train_layout[1] // len(devices)} rows per device, "
           f"compute dtype {dtype}{', FSDP' if fsdp else ''}")
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    os.makedirs(out_dir, exist_ok=True)
 mesh = tu.make_mesh()
 # XLA's CPU collectives can deadlock with several steps queued on several CPU devices: keep one in flight
 one_step_in_flight = jax.default_backend() == 'cpu' and len(devices) > 1
@@ -117,13 +121,14 @@ data_dir = os.path.join(data_root, dataset)
 if not os.path.exists(os.path.join(data_dir, 'train.bin')):
     prepare = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset, 'prepare.py')
     if dataset not in ('shakespeare_char', 'shakespeare'):
-        die(f"{data_dir}/train.bin not found" +
-            (f": prepare it first with `python {prepare}`" if os.path.exists(prepare) else ""))
+        checks.dataset_missing(data_root, dataset, prepare)
     if master_process:
         print(f"{data_dir}/train.bin not found, preparing it with {prepare}")
         if subprocess.run([sys.executable, prepare, f'--out_dir={data_dir}']).returncode != 0:
             die(f"preparing {dataset} failed")
     multihost_utils.sync_global_devices('data prepared')
+for split in ('train', 'val'):
+    checks.check_token_file(os.path.join(data_dir, f'{split}.bin'), block_size)
 
 
 def get_batch(split, iter_num, layout, stream):
@@ -141,8 +146,7 @@ best_val_loss = 1e9
 meta_path = os.path.join(data_dir, 'meta.pkl')
 meta_vocab_size = None
 if os.path.exists(meta_path):
-    with open(meta_path, 'rb') as f:
-        meta_vocab_size = pickle.load(f)['vocab_size']
+    meta_vocab_size = checks.read_meta(meta_path, ['vocab_size'])['vocab_size']
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 
 # model init
@@ -151,10 +155,9 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   gelu_approximate=False)  # start with model_args from command line
 manager = tu.checkpoint_manager(out_dir)
 param_sharding = lambda config: tu.state_sharding(mesh, param_shapes(config), fsdp, fsdp_min_size)
-ckpt_meta = tu.restore_meta(manager)
-if init_from != 'resume' and ckpt_meta is not None:
-    die(f"out_dir {out_dir!r} already holds a checkpoint (iter {ckpt_meta['iter_num']}): "
-        f"continue it with --init_from=resume or choose another --out_dir")
+if init_from != 'resume' and manager.latest_step() is not None and not overwrite_checkpoint:
+    die(f"out_dir {out_dir!r} already holds a checkpoint (iter {manager.latest_step()}): continue it with "
+        f"--init_from=resume, choose another --out_dir, or replace it with --overwrite_checkpoint=True")
 key = jax.random.key(seed)
 if init_from == 'scratch':
     print("Initializing a new model from scratch")
@@ -165,8 +168,14 @@ if init_from == 'scratch':
     params = jax.jit(init_params, static_argnums=0, out_shardings=param_sharding(model_config))(model_config, key)
 elif init_from == 'resume':
     print(f"Resuming training from {out_dir}")
+    try:
+        ckpt_meta = tu.restore_meta(manager)
+    except ValueError as e:
+        die(str(e))
     if ckpt_meta is None:
-        die(f"init_from='resume' but {out_dir!r} holds no checkpoint")
+        die(f"init_from='resume' but {out_dir!r} holds no checkpoint: train from scratch first, or point "
+            f"--out_dir at the run to resume")
+    checks.check_resume(ckpt_meta, block_size, meta_vocab_size, meta_path)
     # force these config attributes to be equal otherwise we can't even resume training
     # the rest of the attributes (e.g. dropout) can stay as desired from command line
     for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'gelu_approximate']:
@@ -193,6 +202,12 @@ if block_size < model_config.block_size:
     params, model_config = crop_block_size(params, model_config, block_size)
     model_args['block_size'] = block_size  # so that the checkpoint will have the right value
 
+# every token of the data must be in the model's vocabulary
+vocab_from = {'scratch': meta_path if meta_vocab_size else "GPT-2's, padded", 'resume': "the checkpoint's"}
+for split in ('train', 'val'):
+    checks.check_token_ids(os.path.join(data_dir, f'{split}.bin'), model_config.vocab_size,
+                           vocab_from.get(init_from, init_from))
+
 # optimizer
 abstract_params = param_shapes(model_config)
 tx = tu.configure_optimizer(abstract_params, learning_rate, weight_decay, beta1, beta2, grad_clip,
@@ -200,7 +215,10 @@ tx = tu.configure_optimizer(abstract_params, learning_rate, weight_decay, beta1,
 abstract_state = jax.eval_shape(partial(tu.create_train_state, model_config, tx=tx), abstract_params)
 state_sharding = tu.state_sharding(mesh, abstract_state, fsdp, fsdp_min_size)
 if init_from == 'resume':
-    state = tu.restore_train_state(manager, abstract_state, iter_num, state_sharding)
+    try:
+        state = tu.restore_train_state(manager, abstract_state, iter_num, state_sharding)
+    except ValueError as e:
+        die(str(e))
 else:
     # the params are donated: a second copy of gpt2-xl would cost 6 GB at start
     state = jax.jit(tu.create_train_state, static_argnums=(0, 2), out_shardings=state_sharding,
@@ -225,6 +243,25 @@ def estimate_loss():
     return out
 
 
+def save_checkpoint():
+    """Write the state at iter_num, never a diverged one: the last good checkpoint stays."""
+    if not tu.all_finite(state.params):
+        diverged("the parameters are not finite")
+    if master_process:
+        print(f"saving checkpoint to {out_dir}")
+    tu.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
+                                        'best_val_loss': best_val_loss, 'config': config})
+
+
+def diverged(what):
+    """Stop every process of a run whose loss went NaN or infinite, exit code 1."""
+    manager.wait_until_finished()  # a save in progress is of an earlier, good state: let it complete
+    last = manager.latest_step()
+    die(f"iter {iter_num}: {what}: training diverged; " +
+        (f"the last checkpoint in {out_dir!r} (iter {last}) is kept: resume it with a lower --learning_rate"
+         if last is not None else "no checkpoint was written"), code=1)
+
+
 def get_lr(it):
     return float(tu.get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr)) if decay_lr else learning_rate
 
@@ -241,23 +278,23 @@ t0 = time.time()
 iters_timed = 0  # iterations since t0
 local_iter_num = 0  # number of iterations in the lifetime of this process
 running_mfu = -1.0
+stop_signals = tu.catch_stop_signals()  # SIGTERM, ^C: finish the iteration, save, exit
+stop = 0
 while True:
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0:
         losses = estimate_loss()
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+            diverged(f"eval loss is {losses['train']} (train), {losses['val']} (val)")
         if wandb_log and master_process:
             wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
                        "lr": get_lr(iter_num), "mfu": running_mfu * 100})
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = losses['val']
-            if iter_num > 0 and iter_num != manager.latest_step():
-                if master_process:
-                    print(f"saving checkpoint to {out_dir}")
-                tu.save_checkpoint(manager, state, {
-                    'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-                    'config': config})
+            if local_iter_num > 0:  # not the state this run started from
+                save_checkpoint()
         t0, iters_timed = time.time(), 0  # time the training iterations only
     if eval_only:
         break
@@ -280,11 +317,22 @@ while True:
             mfu = estimate_mfu(model_config, n_params, fwdbwd_per_iter, dt, peak_flops * len(devices))
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {running_mfu * 100:.2f}%")
+    # a diverged run stops before it can save; every process looks, so that all of them stop
+    if iter_num % log_interval == 0 and not math.isfinite(float(loss)):
+        diverged(f"loss is {float(loss)}")
     iter_num += 1
     local_iter_num += 1
 
     # termination conditions
     if iter_num > max_iters:
         break
+    stop = tu.stop_signal(stop_signals, iter_num % log_interval == 0)
+    if stop:
+        if master_process:
+            print(f"{signal.Signals(stop).name} received: stopping at iter {iter_num}")
+        save_checkpoint()
+        break
 
 manager.wait_until_finished()
+if stop:
+    sys.exit(128 + stop)  # what a shell reports for a process killed by the signal

@@ -1,0 +1,158 @@
+"""
+Checks of what the scripts are given: config values, data files, the out_dir, a checkpoint to
+resume and the prompt, made before any work starts. Each stops the script with configurator.die:
+a one-line message that says what is wrong and what to do, and exit code 2. Plain Python and
+NumPy, so that most mistakes are reported before JAX is even imported.
+"""
+
+import difflib
+import os
+import pickle
+import tempfile
+
+import numpy as np
+
+from configurator import die
+
+
+def at_least(config, key, low):
+    if config[key] < low:
+        die(f"{key}={config[key]} is not allowed: {key} must be {low} or more")
+
+
+def in_unit_interval(config, key):
+    if not 0.0 <= config[key] < 1.0:
+        die(f"{key}={config[key]} is not allowed: {key} must be at least 0 and below 1")
+
+
+def check_train_config(config):
+    """The values of train_jax.py's config (a dict of its keys) that no run could use."""
+    for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
+                'eval_iters'):
+        at_least(config, key, 1)
+    for key in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay',
+                'grad_clip'):
+        at_least(config, key, 0)
+    for key in ('dropout', 'beta1', 'beta2'):
+        in_unit_interval(config, key)
+    if config['init_from'] == 'scratch':  # a resumed or pretrained model has the shape of its checkpoint
+        for key in ('n_layer', 'n_head', 'n_embd'):
+            at_least(config, key, 1)
+        if config['n_embd'] % config['n_head'] != 0:
+            die(f"n_embd={config['n_embd']} is not divisible by n_head={config['n_head']}: "
+                f"every head gets n_embd / n_head channels, choose n_embd a multiple of n_head")
+
+
+def check_sample_config(config):
+    """The values of sample_jax.py's config that no sampling could use."""
+    for key in ('num_samples', 'max_new_tokens', 'top_k'):
+        at_least(config, key, 1)
+    if config['temperature'] <= 0:
+        die(f"temperature={config['temperature']} is not allowed: temperature must be above 0 "
+            f"(below 1 is less random, e.g. 0.01 is nearly greedy)")
+
+
+def check_out_dir(out_dir):
+    """out_dir exists, or can be made, and takes new files: found out now rather than at the
+    first checkpoint, an hour into training."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        die(f"cannot write to out_dir {out_dir!r}: {e.strerror}: choose another --out_dir")
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def dataset_missing(data_root, dataset, prepare):
+    """Stop for a dataset whose train.bin is not in data_root and that cannot be prepared here:
+    say how to prepare it, or which dataset was probably meant."""
+    train_bin = os.path.join(data_root, dataset, 'train.bin')
+    if os.path.exists(prepare):
+        die(f"{train_bin} not found: prepare it first with `python {prepare}`")
+    names = [d for d in os.listdir(data_root) if os.path.isdir(os.path.join(data_root, d))] \
+        if os.path.isdir(data_root) else []
+    close = difflib.get_close_matches(dataset, names, n=1)
+    hint = f"did you mean --dataset={close[0]}?" if close else "check --dataset and --data_root"
+    die(f"{train_bin} not found: there is no dataset {dataset!r} in data_root {data_root!r}: {hint}")
+
+
+def check_token_file(path, block_size):
+    """path is a whole number of uint16 tokens, more than block_size of them."""
+    if not os.path.exists(path):
+        die(f"{path} not found: prepare the dataset again with its prepare.py")
+    size = os.path.getsize(path)
+    if size % 2 != 0:
+        die(f"{path} is {size:,} bytes, not a whole number of uint16 tokens: the file is damaged "
+            f"or was not written by a prepare.py; prepare the dataset again")
+    if size // 2 <= block_size:
+        die(f"{path} holds {size // 2:,} tokens, too few for a block of block_size={block_size} "
+            f"and its next token: use a smaller --block_size or more data")
+
+
+def check_token_ids(path, vocab_size, vocab_from, chunk=1 << 24, max_chunks=16):
+    """Every token id of path is below vocab_size (which comes from vocab_from). A file of more
+    than max_chunks chunks (256M tokens with the defaults) is checked on max_chunks chunks
+    spread over it, to read at most 512 MB: data made with another tokenizer shows it everywhere."""
+    data = np.memmap(path, dtype=np.uint16, mode='r')
+    n_chunks = -(-len(data) // chunk)
+    for c in np.unique(np.linspace(0, n_chunks - 1, min(n_chunks, max_chunks)).round().astype(int)):
+        top = int(data[c * chunk:(c + 1) * chunk].max())
+        if top >= vocab_size:
+            die(f"{path} holds token id {top}, but vocab_size is {vocab_size} ({vocab_from}): the "
+                f"data was made with another vocabulary; prepare it again or choose the matching --dataset")
+
+
+def read_meta(path, keys):
+    """The dict a prepare.py wrote to a dataset's meta.pkl, which must hold keys."""
+    try:
+        with open(path, 'rb') as f:
+            meta = pickle.load(f)
+    except Exception as e:  # unpickling a damaged file can raise almost anything
+        die(f"cannot read {path} ({type(e).__name__}): prepare the dataset again")
+    missing = [k for k in keys if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        die(f"{path} has no {', '.join(missing)}: it was not written by a prepare.py of this "
+            f"project; prepare the dataset again")
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# resuming
+
+CHECKPOINT_KEYS = ('model_args', 'iter_num', 'best_val_loss')
+
+
+def check_resume(ckpt_meta, block_size, meta_vocab_size, meta_path):
+    """A checkpoint's metadata against the data and block_size of the run that resumes it."""
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt_meta]
+    if missing:
+        die(f"the checkpoint's metadata has no {', '.join(missing)}: it was not written by "
+            f"train_jax.py; choose another --out_dir")
+    model_args = ckpt_meta['model_args']
+    if block_size != model_args['block_size']:
+        die(f"block_size={block_size}, but the checkpoint's model has block_size "
+            f"{model_args['block_size']}: resume with --block_size={model_args['block_size']}")
+    if meta_vocab_size is not None:
+        trained_on = ckpt_meta.get('config', {}).get('dataset')
+        check_vocab_size(meta_path, meta_vocab_size, model_args['vocab_size'], "resume on the dataset it was "
+                         "trained on" + (f" (--dataset={trained_on})" if trained_on else ""))
+
+
+def check_vocab_size(meta_path, meta_vocab_size, model_vocab_size, advice):
+    if meta_vocab_size != model_vocab_size:
+        die(f"{meta_path} has vocab_size {meta_vocab_size}, but the checkpoint's model has "
+            f"{model_vocab_size}: {advice}")
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+def check_start_chars(start, stoi, meta_path):
+    """Every character of the start text is in the character vocabulary stoi of meta_path."""
+    unknown = sorted(set(start) - set(stoi))
+    if unknown:
+        die(f"the start text has characters that are not in the vocabulary of {meta_path}: "
+            f"{' '.join(map(repr, unknown[:10]))}: write it with the dataset's characters")

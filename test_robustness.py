@@ -1,0 +1,288 @@
+"""Robustness, tested as a user meets it: every bad input stops with a one-line error before any
+work starts; SIGTERM, ^C, kill -9 and a diverging loss lose no work; the same config and seed
+print the same losses."""
+import hashlib
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from test_train import REPO, SMALL_ARGS, lines
+
+# the tiny model of test_train.py, dropout and 2 micro-steps included, on a tiny dataset, checkpoints at 4, 8, 12
+ARGS = SMALL_ARGS + ['--device=cpu', '--dataset=tiny', '--log_interval=1', '--eval_interval=4', '--max_iters=12']
+WORDS = ['the', 'cat', 'sat', 'on', 'a', 'mat', 'and', 'dog', 'ran', 'far', 'away,', 'home.\n']
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+    """The runs share a compilation cache: the same model compiles once for the whole module."""
+    return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
+                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+
+
+def start(script, args, env, stdout=subprocess.PIPE):
+    return subprocess.Popen([sys.executable, os.path.join(REPO, script)] + args, cwd=REPO, env=env, text=True,
+                            stdout=stdout, stderr=subprocess.PIPE)
+
+
+def run(script, args, env):
+    p = start(script, args, env)
+    stdout, stderr = p.communicate(timeout=300)
+    return p.returncode, stdout, stderr
+
+
+def write_dataset(root, name, train, val, meta):
+    os.makedirs(root / name)
+    np.asarray(train, dtype=np.uint16).tofile(root / name / 'train.bin')
+    np.asarray(val, dtype=np.uint16).tofile(root / name / 'val.bin')
+    with open(root / name / 'meta.pkl', 'wb') as f:
+        pickle.dump(meta, f)
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    """'tiny', a character dataset of 30 characters, and broken copies of it."""
+    root = tmp_path_factory.mktemp('data')
+    text = ' '.join(np.random.default_rng(0).choice(WORDS, size=8000))
+    chars = sorted(set(text + 'bcdefghijklopqsuvwxyz'))
+    meta = {'vocab_size': len(chars), 'stoi': {c: i for i, c in enumerate(chars)}, 'itos': dict(enumerate(chars))}
+    ids = np.array([meta['stoi'][c] for c in text])
+    n = int(0.9 * len(ids))
+    write_dataset(root, 'tiny', ids[:n], ids[n:], meta)
+    write_dataset(root, 'big_ids', np.append(ids[:n], 99), ids[n:], meta)
+    write_dataset(root, 'no_vocab', ids[:n], ids[n:], {'stoi': meta['stoi'], 'itos': meta['itos']})
+    write_dataset(root, 'other_vocab', ids[:n], ids[n:], dict(meta, vocab_size=40))
+    write_dataset(root, 'odd_bytes', ids[:n], ids[n:], meta)
+    with open(root / 'odd_bytes' / 'train.bin', 'ab') as f:
+        f.write(b'\0')
+    return root
+
+
+@pytest.fixture(scope='module')
+def reference(data_root, env, tmp_path_factory):
+    """The uninterrupted run the others are compared with: its out_dir (a checkpoint at iter 12) and stdout."""
+    out_dir = tmp_path_factory.mktemp('reference')
+    code, stdout, stderr = run('train_jax.py', ARGS + [f'--data_root={data_root}', f'--out_dir={out_dir}'], env)
+    assert code == 0, stderr[-3000:]
+    assert sorted(os.listdir(out_dir)) == ['12']
+    return out_dir, stdout
+
+
+def losses(stdout):
+    """The loss lines, without their timings."""
+    return [l.split(', time')[0] for l in lines(stdout, 'iter ')], lines(stdout, 'step ')
+
+
+def file_hashes(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): hashlib.sha256(open(os.path.join(d, f), 'rb').read()).digest()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+# -----------------------------------------------------------------------------
+# bad input: each case as a user would type it, the exact one-line error, exit code 2, no work done
+
+TRAIN = ARGS + ['--data_root={data}', '--out_dir={new}']
+RESUME = ARGS + ['--data_root={data}', '--out_dir={ref}', '--init_from=resume']
+SAMPLE = ['--device=cpu', '--out_dir={ref}', '--max_new_tokens=5']
+BAD_INPUT = [
+    # configuration
+    ('train_jax.py', ['--bacth_size=4'], "unknown config key 'bacth_size' (did you mean 'batch_size'?)"),
+    ('train_jax.py', ['--zzz=4'], "unknown config key 'zzz'"),
+    ('train_jax.py', ['--batch_size=2.5'], "--batch_size=2.5: expected a int like the default 12, got a float"),
+    ('train_jax.py', ['--compile=yes'], "--compile=yes: expected a bool like the default True, got a str"),
+    ('train_jax.py', ['--batch_size'], "--batch_size: overrides are written --key=value"),
+    ('train_jax.py', ['config/no_such_config.py'],
+     "cannot read config file config/no_such_config.py: No such file or directory"),
+    ('train_jax.py', ['{broken_config}'], "config file {broken_config}, line 2: SyntaxError: invalid syntax"),
+    ('train_jax.py', TRAIN + ['--n_embd=30', '--n_head=4'], "n_embd=30 is not divisible by n_head=4: every head "
+     "gets n_embd / n_head channels, choose n_embd a multiple of n_head"),
+    ('train_jax.py', TRAIN + ['--batch_size=0'], "batch_size=0 is not allowed: batch_size must be 1 or more"),
+    ('train_jax.py', TRAIN + ['--learning_rate=-0.001'],
+     "learning_rate=-0.001 is not allowed: learning_rate must be 0 or more"),
+    ('train_jax.py', TRAIN + ['--eval_iters=0'], "eval_iters=0 is not allowed: eval_iters must be 1 or more"),
+    ('train_jax.py', TRAIN + ['--dropout=1.0'], "dropout=1.0 is not allowed: dropout must be at least 0 and below 1"),
+    ('train_jax.py', TRAIN + ['--dtype=float64'], "unknown dtype 'float64': use 'float32', 'bfloat16' or 'auto'"),
+    ('train_jax.py', TRAIN + ['--dtype=float16'], "dtype 'float16' needs loss scaling, which this port does not "
+     "do: use --dtype=bfloat16 (GPU/TPU) or --dtype=float32"),
+    ('train_jax.py', TRAIN + ['--init_from=gpt3'], "init_from='gpt3': use 'scratch', 'resume', one of gpt2, "
+     "gpt2-medium, gpt2-large, gpt2-xl or an existing folder holding a Hugging Face GPT-2"),
+    ('train_jax.py', TRAIN + ['--cpu_devices=8'], "gradient_accumulation_steps=2 and batch_size=4 cannot be split "
+     "over 8 devices: make one of them a multiple of 8 (e.g. --gradient_accumulation_steps=8 or --batch_size=8)"),
+    ('train_jax.py', TRAIN + ['--cpu_devices=4', '--batch_size=2', '--gradient_accumulation_steps=4',
+                              '--eval_iters=3'], "eval_iters=3 and batch_size=2 cannot be split over 4 devices: "
+     "make one of them a multiple of 4 (e.g. --eval_iters=4 or --batch_size=4)"),
+    # out_dir
+    ('train_jax.py', TRAIN + ['--out_dir={file}/out'],
+     "cannot write to out_dir '{file}/out': Not a directory: choose another --out_dir"),
+    ('train_jax.py', TRAIN + ['--out_dir={ref}'], "out_dir '{ref}' already holds a checkpoint (iter 12): continue "
+     "it with --init_from=resume, choose another --out_dir, or replace it with --overwrite_checkpoint=True"),
+    # data
+    ('train_jax.py', TRAIN + ['--dataset=tiyn'], "{data}/tiyn/train.bin not found: there is no dataset 'tiyn' in "
+     "data_root '{data}': did you mean --dataset=tiny?"),
+    ('train_jax.py', TRAIN + ['--data_root={new}'], "{new}/tiny/train.bin not found: there is no dataset 'tiny' in "
+     "data_root '{new}': check --dataset and --data_root"),
+    ('train_jax.py', TRAIN + ['--dataset=openwebtext'], "{data}/openwebtext/train.bin not found: prepare it first "
+     f"with `python {REPO}/data/openwebtext/prepare.py`"),
+    ('train_jax.py', TRAIN + ['--dataset=odd_bytes'], "{data}/odd_bytes/train.bin is 60,051 bytes, not a whole "
+     "number of uint16 tokens: the file is damaged or was not written by a prepare.py; prepare the dataset again"),
+    ('train_jax.py', TRAIN + ['--dataset=big_ids'], "{data}/big_ids/train.bin holds token id 99, but vocab_size is "
+     "30 ({data}/big_ids/meta.pkl): the data was made with another vocabulary; prepare it again or choose the "
+     "matching --dataset"),
+    ('train_jax.py', TRAIN + ['--dataset=no_vocab'], "{data}/no_vocab/meta.pkl has no vocab_size: it was not "
+     "written by a prepare.py of this project; prepare the dataset again"),
+    ('train_jax.py', TRAIN + ['--block_size=4000'], "{data}/tiny/val.bin holds 3,337 tokens, too few for a block "
+     "of block_size=4000 and its next token: use a smaller --block_size or more data"),
+    # resuming
+    ('train_jax.py', TRAIN + ['--init_from=resume', '--out_dir=/no/such/dir'],
+     "init_from='resume' but out_dir '/no/such/dir' does not exist"),
+    ('train_jax.py', TRAIN + ['--init_from=resume', '--out_dir={empty}'], "init_from='resume' but '{empty}' holds "
+     "no checkpoint: train from scratch first, or point --out_dir at the run to resume"),
+    ('train_jax.py', RESUME + ['--block_size=64'],
+     "block_size=64, but the checkpoint's model has block_size 32: resume with --block_size=32"),
+    ('train_jax.py', RESUME + ['--dataset=other_vocab'], "{data}/other_vocab/meta.pkl has vocab_size 40, but the "
+     "checkpoint's model has 30: resume on the dataset it was trained on (--dataset=tiny)"),
+    ('train_jax.py', RESUME + ['--decay_lr=False'], "cannot restore the checkpoint {ref}/12 (ValueError: "
+     "User-provided restore item and on-disk value metadata tree structures do not match): resume with the "
+     "settings it was written with (decay_lr changes the optimizer state), or, if it is damaged, start again in "
+     "another --out_dir"),
+    ('train_jax.py', RESUME + ['--out_dir={damaged}'], "cannot restore the checkpoint {damaged}/12 "
+     "(JSONDecodeError: Expecting value: line 1 column 1 (char 0)): resume with the settings it was written with "
+     "(decay_lr changes the optimizer state), or, if it is damaged, start again in another --out_dir"),
+    # sampling
+    ('sample_jax.py', SAMPLE + ['--top_k=0'], "top_k=0 is not allowed: top_k must be 1 or more"),
+    ('sample_jax.py', SAMPLE + ['--temperature=-1.0'], "temperature=-1.0 is not allowed: temperature must be above "
+     "0 (below 1 is less random, e.g. 0.01 is nearly greedy)"),
+    ('sample_jax.py', SAMPLE + ['--start=the caf\u00e9~'], "the start text has characters that are not in the "
+     "vocabulary of {data}/tiny/meta.pkl: '~' '\u00e9': write it with the dataset's characters"),
+    ('sample_jax.py', SAMPLE + ['--out_dir={empty}'],
+     "no checkpoint in out_dir '{empty}': train one with train_jax.py, or point --out_dir at one"),
+]
+
+
+@pytest.fixture(scope='module')
+def bad_input_paths(data_root, reference, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('bad_input')
+    (tmp / 'empty').mkdir()
+    (tmp / 'file').write_text('')
+    (tmp / 'broken.py').write_text("batch_size = 4\nn_layer = = 2\n")
+    shutil.copytree(reference[0], tmp / 'damaged')
+    (tmp / 'damaged' / '12' / 'meta' / 'metadata').write_text('garbage')
+    return dict(data=data_root, ref=reference[0], new=tmp / 'new', empty=tmp / 'empty', file=tmp / 'file',
+                damaged=tmp / 'damaged', broken_config=tmp / 'broken.py')
+
+
+@pytest.mark.parametrize('script,args,message', BAD_INPUT, ids=[m[:40] for _, _, m in BAD_INPUT])
+def test_bad_input_stops_with_one_line_before_any_work(script, args, message, bad_input_paths, env):
+    code, stdout, stderr = run(script, [a.format(**bad_input_paths) for a in args], env)
+    assert (code, stderr) == (2, f"error: {message.format(**bad_input_paths)}\n")
+    assert 'number of parameters' not in stdout
+
+
+# -----------------------------------------------------------------------------
+# interruption, divergence, determinism
+
+def test_sigterm_saves_and_the_resumed_run_prints_the_same_losses(reference, data_root, env, tmp_path):
+    """SIGTERM during iteration 3 or so: the iteration is finished, a checkpoint written, exit code
+    143. Resumed, the run prints the losses of the uninterrupted one, dropout and 2 micro-steps
+    included; up to the signal the two runs of the same config and seed printed the same too."""
+    _, uninterrupted = reference
+    args = ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}']
+    p = start('train_jax.py', args, env)
+    stdout = ''
+    for line in p.stdout:
+        stdout += line
+        if line.startswith('iter 2:'):
+            p.send_signal(signal.SIGTERM)
+    assert p.wait() == 128 + signal.SIGTERM, p.stderr.read()[-3000:]
+    stopped_at = int(re.search(r'^SIGTERM received: stopping at iter (\d+)\nsaving checkpoint', stdout, re.M)[1])
+    assert 3 <= stopped_at < 12 and os.listdir(tmp_path) == [str(stopped_at)]
+    code, resumed, stderr = run('train_jax.py', args + ['--init_from=resume'], env)
+    assert code == 0, stderr[-3000:]
+    iters, steps = losses(stdout)
+    more_iters, more_steps = losses(resumed)
+    assert len(iters) == stopped_at and (iters + more_iters, steps + more_steps) == losses(uninterrupted)
+
+
+def test_kill_9_while_saving_then_resume_and_interrupt(reference, data_root, env, tmp_path):
+    """kill -9 while a checkpoint is being written leaves the previous one restorable, and orbax's
+    unfinished folder does no harm; the resumed run prints the uninterrupted run's losses, then ^C
+    stops it with a checkpoint at the iteration it names."""
+    iters, _ = losses(reference[1])
+    args = ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}', '--eval_interval=1']  # save every iteration
+    p = start('train_jax.py', args + ['--max_iters=1000'], env, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        names = os.listdir(tmp_path)
+        if any(n.isdigit() for n in names) and any('tmp' in n for n in names):
+            p.kill()
+            break
+        time.sleep(0.001)
+    assert p.wait() == -signal.SIGKILL
+    names = os.listdir(tmp_path)
+    saved = max(int(n) for n in names if n.isdigit())
+    assert f'{saved + 1}.orbax-checkpoint-tmp' in names  # killed while writing the next one
+    p = start('train_jax.py', args + ['--init_from=resume'], env)
+    stdout = ''
+    for line in p.stdout:
+        stdout += line
+        if line.startswith(f'iter {saved + 2}:'):
+            p.send_signal(signal.SIGINT)
+    assert p.wait() == 128 + signal.SIGINT, p.stderr.read()[-3000:]
+    stopped_at = int(re.search(r'^SIGINT received: stopping at iter (\d+)$', stdout, re.M)[1])
+    assert losses(stdout)[0] == iters[saved:stopped_at]
+    assert os.listdir(tmp_path) == [str(stopped_at)]  # the unfinished folder was cleaned up too
+
+
+def test_nan_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(reference, data_root, env, tmp_path):
+    """A learning rate of 1e6 makes the loss NaN in a few iterations. Found at an eval (a resumed
+    run) or at a log line (a run from scratch, which --overwrite_checkpoint=True lets start in the
+    same out_dir: the old checkpoint goes only when the new run saves): exit code 1, and the
+    checkpoint is untouched."""
+    out_dir = tmp_path / 'out'
+    shutil.copytree(reference[0], out_dir)
+    before = file_hashes(out_dir)
+    args = ARGS + [f'--data_root={data_root}', f'--out_dir={out_dir}', '--learning_rate=1e6', '--max_iters=30']
+    kept = f"training diverged; the last checkpoint in '{out_dir}' (iter 12) is kept: resume it with a lower " \
+           f"--learning_rate\n"
+    code, stdout, stderr = run('train_jax.py', args + ['--init_from=resume', '--log_interval=100'], env)
+    assert (code, stderr) == (1, f"error: iter 16: eval loss is nan (train), nan (val): {kept}")
+    assert lines(stdout, 'step ')[-1] == 'step 16: train loss nan, val loss nan' and 'saving' not in stdout
+    code, stdout, stderr = run('train_jax.py', args + ['--overwrite_checkpoint=True'], env)
+    assert (code, stderr) == (1, f"error: iter 2: loss is nan: {kept}")
+    assert lines(stdout, 'iter ')[-1].startswith('iter 2: loss nan,')
+    assert file_hashes(out_dir) == before
+
+
+def test_overwrite_replaces_the_checkpoint_when_the_new_run_saves(reference, data_root, env, tmp_path):
+    """A new run with --overwrite_checkpoint=True replaces the checkpoint at its first save. It also
+    prints the reference run's losses: the same config and seed give the same losses."""
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    args = ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}', '--max_iters=4', '--overwrite_checkpoint=True']
+    code, stdout, stderr = run('train_jax.py', args, env)
+    assert code == 0, stderr[-3000:]
+    iters, steps = losses(reference[1])
+    assert losses(stdout) == (iters[:5], steps[:2])
+    assert os.listdir(tmp_path) == ['4']
+
+
+def test_a_save_replaces_the_checkpoint_of_another_run_at_any_iteration(tmp_path):
+    """What --overwrite_checkpoint relies on: orbax only writes above the latest step and never over
+    one, yet the new run's first save replaces the old checkpoint at the same or a lower iteration."""
+    import jax_train_utils as tu
+    for iter_num, run_name in ((12, 'old'), (12, 'new'), (4, 'newer')):
+        manager = tu.checkpoint_manager(tmp_path)  # a new run opens out_dir
+        state = SimpleNamespace(params={'w': np.ones(3)}, opt_state={'m': np.zeros(3)})
+        tu.save_checkpoint(manager, state, {'iter_num': iter_num, 'run': run_name})
+        manager.wait_until_finished()
+        assert os.listdir(tmp_path) == [str(iter_num)]
+        assert tu.restore_meta(tu.checkpoint_manager(tmp_path)) == {'iter_num': iter_num, 'run': run_name}
