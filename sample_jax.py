@@ -16,6 +16,7 @@ num_samples = 10  # number of samples to draw
 max_new_tokens = 500  # number of tokens generated in each sample
 temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, in the predictions
 top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability
+top_p = 1.0  # then only the fewest most likely tokens whose probabilities add up to top_p (1.0 = off)
 seed = 1337
 device = 'cuda'  # 'cpu' forces the CPU; any other value uses the GPU/TPU when present, else the CPU
 dtype = 'auto'  # 'float32' or 'bfloat16' compute ('auto': bfloat16 on GPU/TPU, float32 on CPU)
@@ -27,6 +28,8 @@ if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")
 if num_samples < 1 or max_new_tokens < 1 or temperature <= 0 or top_k < 1:
     die("num_samples, max_new_tokens, temperature and top_k must be positive")
+if not 0.0 < top_p <= 1.0:
+    die(f"top_p={top_p}: it is a probability, in (0, 1]")
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +91,7 @@ if not start_ids:
 
 # run generation: all samples as one batch, compiled once
 x = jnp.tile(jnp.array(start_ids, dtype=jnp.int32)[None, :], (num_samples, 1))
-y = generate(params, config, x, jax.random.key(seed), max_new_tokens, temperature, top_k)
+y = generate(params, config, x, jax.random.key(seed), max_new_tokens, temperature, top_k, top_p)
 for row in jax.device_get(y):
     print(decode(row.tolist()))
     print('---------------')
