@@ -93,6 +93,12 @@ class CausalSelfAttention(nn.Module):
         return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
 
 
+def gelu_exact(x):
+    """The exact (erf) GELU, as nn.gelu(approximate=False) computes it within 5e-7, but through erf,
+    not erfc: XLA's CPU erf is 2.5x faster (the train step of the CPU config: 1.5-2.5% faster)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1 / math.sqrt(2))))
+
+
 class MLP(nn.Module):
     config: GPTConfig
 
@@ -103,7 +109,7 @@ class MLP(nn.Module):
         # on (B*T, C) rows: with (B, T, C) XLA's CPU backward writes the GELU gradient transposed
         # in a slow loop (forward+backward of the CPU config: 67 -> 49 ms)
         x = dense(cfg, 4 * C, 'c_fc')(x.reshape(B * T, C))
-        x = nn.gelu(x, approximate=cfg.gelu_approximate)
+        x = nn.gelu(x, approximate=True) if cfg.gelu_approximate else gelu_exact(x)
         x = dense(cfg, C, 'c_proj', std=residual_std(cfg))(x).reshape(B, T, C)
         return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
