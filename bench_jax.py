@@ -49,6 +49,8 @@ max_new_tokens = 500  # sample=True: tokens generated after a one-token prompt, 
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
+if compare_torch:
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # leave GPU memory to PyTorch too
 
 import numpy as np
 import jax
@@ -75,8 +77,9 @@ config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer
                    n_embd=n_embd, dropout=dropout, bias=bias, dtype=dtype, remat=remat)
 mesh = tu.make_mesh()
 devices = jax.devices()
-print(f"{len(devices)} x {devices[0].device_kind}, compute dtype {dtype}, batch {ga} x {batch_size * world_size}"
-      f" x {block_size}, {n_layer} layers, {n_head} heads, n_embd {n_embd}, vocab {vocab_size}")
+print(f"{len(devices)} x {devices[0].device_kind}, compute dtype {dtype}, {n_layer} layers, {n_head} heads, "
+      f"n_embd {n_embd}, vocab {vocab_size}, " +
+      (f"sampling 1 x {max_new_tokens} tokens" if sample else f"batch {ga} x {batch_size * world_size} x {block_size}"))
 
 
 def measure_cpu_peak_flops(n=2048, reps=3):
@@ -151,10 +154,9 @@ def torch_contender(compile):
                                  n_head=n_head, activation_function='gelu', resid_pdrop=dropout,
                                  embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=None, eos_token_id=None)
     model = transformers.GPT2LMHeadModel(hf).to(device_type)
-    args = OPTIMIZER
-    groups = [{'params': [p for p in model.parameters() if p.dim() >= 2], 'weight_decay': args['weight_decay']},
+    groups = [{'params': [p for p in model.parameters() if p.dim() >= 2], 'weight_decay': OPTIMIZER['weight_decay']},
               {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args['learning_rate'], betas=(args['beta1'], args['beta2']),
+    optimizer = torch.optim.AdamW(groups, lr=OPTIMIZER['learning_rate'], betas=(OPTIMIZER['beta1'], OPTIMIZER['beta2']),
                                   fused=device_type == 'cuda')
     forward = torch.compile(model) if compile else model
     autocast = torch.autocast(device_type, torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
@@ -169,7 +171,7 @@ def torch_contender(compile):
             loss = torch.nn.functional.cross_entropy(logits.float().view(-1, vocab_size), y.reshape(-1).long())
             (loss / ga).backward()
             total += loss.item() / ga  # waits for the device, as float(loss) does for JAX
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args['grad_clip'])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIMIZER['grad_clip'])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total
