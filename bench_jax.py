@@ -188,7 +188,7 @@ def jax_op_names(hlo_text):
     for name, op in re.findall(r'^\s*%?(\S+) = .*?op_name="([^"]*)"', hlo_text, re.M):
         if name.startswith('all-') or ':' in op:  # a collective, or ops merged from many places
             continue
-        op = re.sub(r'^jit\([^)]*\)/|while/body/|closed_call/', '', op)
+        op = re.sub(r'^jit\([^)]*\)/|while/body/|closed_call/|eval_jaxpr/', '', op)  # scan's wrappers
         op = op.replace('transpose(jvp(GPT))', 'backward').replace('jvp(GPT)', 'forward')
         names[name] = re.sub(r'h_\d+', 'h_*', op)
     return names
