@@ -1,86 +1,308 @@
 """
-Benchmark the training iteration of train_jax.py: the jitted step (all micro-steps and the AdamW
-update) plus the host's batch sampling, in ms per iteration, on random tokens.
-With --device=cpu it compares, in the same run, one JAX device with every core as a device.
+A much shorter version of train_jax.py for benchmarking, like nanoGPT's bench.py: it times the
+training iteration (batch sampling, all micro-steps and the AdamW update, as train_jax.py runs it)
+and prints compile time, ms/iter (median), tokens/s and MFU.
 
-$ python bench_jax.py --device=cpu    # nanoGPT's CPU shakespeare_char model
-$ python bench_jax.py --batch_size=64 --block_size=256 --n_layer=6 --n_head=6 --n_embd=384 --dropout=0.2
+$ python bench_jax.py config/train_shakespeare_char_cpu.py --compare_torch=True   # nanoGPT's CPU model
+$ python bench_jax.py --compare_torch=True        # GPT-2 124M, batch 12 x 1024, bf16 on a GPU
+$ python bench_jax.py --sample=True --device=cpu  # generate with and without the key/value cache
+$ python bench_jax.py config/train_shakespeare_char_cpu.py --profile=True  # trace + top XLA ops
 """
+import glob
+import gzip
+import json
 import os
-import subprocess
+import pickle
+import re
 import sys
 import time
+from collections import defaultdict
+from contextlib import nullcontext
 
-from configurator import configure
+from configurator import configure, die
 
 # -----------------------------------------------------------------------------
 batch_size = 12  # micro-batch size
-block_size = 64
-n_layer = 4
-n_head = 4
-n_embd = 128
-vocab_size = 65
+block_size = 1024
+n_layer = 12
+n_head = 12
+n_embd = 768
+vocab_size = 0  # 0: the dataset's meta.pkl when it has one, else GPT-2's 50304
 dropout = 0.0
 bias = False
-gradient_accumulation_steps = 1
-dtype = 'auto'  # 'float32', 'bfloat16' or 'auto'
-device = 'cuda'  # 'cpu' forces the CPU
-iters = 200  # timed iterations
-warmup = 10  # iterations before timing (the first compiles)
-cpu_devices = 0  # CPU devices to time on; 0 with --device=cpu compares 1 with every core
+remat = False  # recompute each block's activations in the backward pass
+gradient_accumulation_steps = 1  # micro-steps per iteration, shared by the devices as in train_jax.py
+real_data = True  # random windows of data_root/dataset/train.bin; False: random tokens
+dataset = 'openwebtext'
+data_root = 'data'
+seed = 1337
+device = 'cuda'  # 'cpu' forces the CPU; as in train_jax.py each core is then a JAX device
+cpu_devices = 0  # on CPU, the JAX devices the cores become: 0 one per core (as the batch splits), 1 turns it off
+dtype = 'auto'  # 'float32' or 'bfloat16' compute ('auto': bfloat16 on GPU/TPU, float32 on CPU)
+num_steps = 50  # timed iterations of each contender (after warm-up)
+warmup_steps = 5  # untimed iterations of each contender first
+peak_flops = 0.0  # peak FLOP/s of one device, for MFU; 0.0: look it up (GPU/TPU) or measure it (CPU)
+profile = False  # write a jax.profiler trace of the timed steps to profile_dir, print the top ops
+profile_dir = 'bench_trace'
+compare_torch = False  # also time transformers' GPT2LMHeadModel, eager and torch.compile, interleaved
+sample = False  # instead of training: tokens/s of generate with and without the key/value cache
+max_new_tokens = 500  # sample=True: tokens generated after a one-token prompt, batch of one
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
-
-if device == 'cpu' and cpu_devices == 0:
-    # one process per layout: the CPU device count is fixed when jax starts
-    results = {}
-    for n in sorted({1, os.cpu_count() or 1}):
-        out = subprocess.run([sys.executable, __file__] + sys.argv[1:] + [f'--cpu_devices={n}'],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(out.stderr)
-        results[n] = float(out.stdout.split()[-2])
-        print(out.stdout.splitlines()[-1])
-    if len(results) == 2:
-        one, many = results.values()
-        print(f"every core as a device: {one / many:.2f}x the speed of one device")
-    sys.exit(0)
+# -----------------------------------------------------------------------------
+if compare_torch:
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # leave GPU memory to PyTorch too
 
 import numpy as np
 import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_train_utils as tu
-from jax_transformer import GPTConfig, init_params
+from jax_transformer import GPT, GPTConfig, init_params, count_params, flops_per_token, generate, sample_token
 
-tu.configure_devices(device, cpu_devices, [(gradient_accumulation_steps, batch_size)])
-config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                   dropout=dropout, bias=bias, dtype=tu.resolve_dtype(dtype))
+tu.configure_devices(device, 1 if sample else cpu_devices, [(gradient_accumulation_steps, batch_size)])
+try:
+    dtype = tu.resolve_dtype(dtype)
+    layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count())  # as train_jax.py
+except ValueError as e:
+    die(str(e))
+ga = gradient_accumulation_steps
+data_dir = os.path.join(data_root, dataset)
+if real_data and not os.path.exists(os.path.join(data_dir, 'train.bin')):
+    die(f"{data_dir}/train.bin not found: prepare the dataset, or pass --real_data=False")
+if vocab_size == 0:
+    meta_path = os.path.join(data_dir, 'meta.pkl')
+    vocab_size = 50304
+    if os.path.exists(meta_path):
+        with open(meta_path, 'rb') as f:
+            vocab_size = pickle.load(f)['vocab_size']
+config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                   n_embd=n_embd, dropout=dropout, bias=bias, dtype=dtype, remat=remat)
 mesh = tu.make_mesh()
-replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-params = jax.device_put(init_params(config, jax.random.key(0)), replicated)
-tx = tu.configure_optimizer(params, 1e-3, 0.1, 0.9, 0.99, 1.0, True, 100, 5000, 1e-4)
-state = tu.create_train_state(config, params, tx)
-layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count())
-data = np.random.default_rng(0).integers(0, vocab_size, 1_000_000).astype(np.uint16)
-data_path = '/tmp/bench_jax_tokens.bin'
-data.tofile(data_path)
-key = jax.random.key(1)
+devices = jax.devices()
+print(f"{len(devices)} x {devices[0].device_kind}, compute dtype {dtype}, {n_layer} layers, {n_head} heads, "
+      f"n_embd {n_embd}, vocab {vocab_size}, " +
+      (f"sampling 1 x {max_new_tokens} tokens" if sample else f"batch {ga} x {batch_size} x {block_size}"))
 
 
-def batch(it):
-    return tu.get_batch(mesh, data_path, tu.batch_starts(data_path, 0, it, 0, layout, block_size), block_size)
+def measure_cpu_peak_flops(n=2048, reps=3):
+    """FLOP/s of one CPU device on large float32 matrix products, all devices busy at once."""
+    a = jax.device_put(jnp.ones((len(devices), n, n)), NamedSharding(mesh, P('data')))
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(a).block_until_ready()
+    best = min(timed(lambda: matmul(a).block_until_ready()) for _ in range(reps))
+    return 2 * n ** 3 / best
 
 
-x, y = batch(0)
-for it in range(warmup + iters):
-    if it == warmup:
-        jax.block_until_ready(state)
-        t0 = time.time()
-    state, loss = tu.train_step(state, x, y, key)
-    x, y = batch(it + 1)
-    if jax.default_backend() == 'cpu' and jax.device_count() > 1:
-        jax.block_until_ready(loss)  # as train_jax.py does: XLA's CPU collectives deadlock with steps queued
-jax.block_until_ready(state)
-dt = (time.time() - t0) / iters
-print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, dtype {config.dtype}, "
-      f"batch {gradient_accumulation_steps} x {batch_size} x {block_size}: {dt * 1000:.2f} ms/iter")
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# -----------------------------------------------------------------------------
+# the training iteration of JAX and of PyTorch, on the same batches
+
+data = np.memmap(os.path.join(data_dir, 'train.bin'), dtype=np.uint16, mode='r') if real_data else None
+
+
+def get_batch(rng, shape):
+    """x, y (*shape, T) int32 of ga x batch_size rows: random windows of train.bin, or random tokens."""
+    n = ga * batch_size
+    if real_data:
+        ix = rng.integers(0, len(data) - block_size, n)
+        xy = np.stack([data[i:i + block_size + 1] for i in ix])
+    else:
+        xy = rng.integers(0, vocab_size, (n, block_size + 1))
+    xy = xy.astype(np.int32).reshape(shape + (block_size + 1,))
+    return xy[..., :-1], xy[..., 1:]
+
+
+# nanoGPT's defaults; they do not change the speed
+OPTIMIZER = dict(learning_rate=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
+
+
+def jax_contender():
+    """The train_jax.py iteration as a function of no arguments, after compiling it; and the
+    compiled program's text, which names the operations of a profile."""
+    replicated = NamedSharding(mesh, P())
+    params = jax.device_put(init_params(config, jax.random.key(seed)), replicated)
+    tx = tu.configure_optimizer(params, **OPTIMIZER, decay_lr=True, warmup_iters=100,
+                                lr_decay_iters=5000, min_lr=6e-5)
+    state = tu.create_train_state(config, params, tx)
+    rng, key = np.random.default_rng(seed), jax.random.key(seed)
+    batch_sharding = NamedSharding(mesh, P(None, 'data'))
+    x, y = jax.device_put(get_batch(rng, layout), batch_sharding)
+    t0 = time.perf_counter()
+    step = tu.train_step.lower(state, x, y, key).compile()
+    print(f"jax: compile {time.perf_counter() - t0:.2f} s, {count_params(params) / 1e6:.2f}M parameters")
+
+    def iteration():
+        nonlocal state
+        # the batch before the step: on 2 CPU devices, putting it during the step measured 5% slower
+        x, y = jax.device_put(get_batch(rng, layout), batch_sharding)
+        state, loss = step(state, x, y, key)
+        return float(loss)  # waits for the step, as train_jax.py does on CPU
+    return iteration, step.as_text()
+
+
+def torch_contender(compile):
+    """transformers' GPT2LMHeadModel of the same shape, trained as nanoGPT's train.py does: AdamW
+    with decay on the >= 2-dim weights, autocast to the compute dtype, global-norm clipping."""
+    import torch
+    import transformers
+    torch.manual_seed(seed)
+    device_type = 'cpu' if jax.default_backend() == 'cpu' else 'cuda'
+    hf = transformers.GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
+                                 n_head=n_head, activation_function='gelu', resid_pdrop=dropout,
+                                 embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=None, eos_token_id=None)
+    model = transformers.GPT2LMHeadModel(hf).to(device_type)
+    groups = [{'params': [p for p in model.parameters() if p.dim() >= 2], 'weight_decay': OPTIMIZER['weight_decay']},
+              {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=OPTIMIZER['learning_rate'], betas=(OPTIMIZER['beta1'], OPTIMIZER['beta2']),
+                                  fused=device_type == 'cuda')
+    forward = torch.compile(model) if compile else model
+    autocast = torch.autocast(device_type, torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+    rng = np.random.default_rng(seed)
+
+    def iteration():
+        xs, ys = (torch.from_numpy(a).to(device_type) for a in get_batch(rng, (ga, batch_size)))
+        total = 0.0
+        for x, y in zip(xs, ys):
+            with autocast:
+                logits = forward(x).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().view(-1, vocab_size), y.reshape(-1).long())
+            (loss / ga).backward()
+            total += loss.item() / ga  # waits for the device, as float(loss) does for JAX
+        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIMIZER['grad_clip'])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+    t0 = time.perf_counter()
+    iteration()  # torch.compile compiles here
+    print(f"torch {'compiled' if compile else 'eager'}: first iteration {time.perf_counter() - t0:.2f} s")
+    return iteration
+
+
+def jax_op_names(hlo_text):
+    """XLA instruction name -> the JAX operation it was made from, layers merged ('h_*'), e.g.
+    'backward/h_*/mlp/c_fc/dot_general'. Collectives keep XLA's name ('all-reduce')."""
+    names = {}
+    for name, op in re.findall(r'^\s*%?(\S+) = .*?op_name="([^"]*)"', hlo_text, re.M):
+        if name.startswith('all-') or ':' in op:  # a collective, or ops merged from many places
+            continue
+        op = re.sub(r'^jit\([^)]*\)/|while/body/|closed_call/|eval_jaxpr/', '', op)  # scan's wrappers
+        op = op.replace('transpose(jvp(GPT))', 'backward').replace('jvp(GPT)', 'forward')
+        names[name] = re.sub(r'h_\d+', 'h_*', op)
+    return names
+
+
+def top_ops(trace_dir, hlo_text, n=25):
+    """The n most expensive JAX operations of the train step on device 0, in ms per step, from the
+    newest trace in trace_dir (XLA's op names, when an op has no JAX name). Each XLA op counts its
+    median time over the steps: on a shared machine a few runs are stretched by preemption."""
+    path = max(glob.glob(os.path.join(trace_dir, 'plugins/profile/*/*.trace.json.gz')), key=os.path.getmtime)
+    with gzip.open(path) as f:
+        events = json.load(f)['traceEvents']
+    durations, runs = defaultdict(list), set()
+    for e in events:
+        args = e.get('args', {})
+        if e.get('ph') == 'X' and 'hlo_op' in args and args.get('device_ordinal', '0') == '0':
+            durations[e['name']].append(e['dur'] / 1000)
+            runs.add(args.get('run_id'))
+    names = jax_op_names(hlo_text)
+    totals = defaultdict(float)
+    for op, ms in durations.items():
+        totals[names.get(op, re.sub(r'\.\d+$', '', op))] += float(np.median(ms)) * len(ms) / len(runs)
+    print(f"device 0 busy {sum(totals.values()):.2f} ms per step, of which matrix products "
+          f"{sum(ms for name, ms in totals.items() if 'dot_general' in name):.2f} ms")
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:n]
+
+
+def bench_training():
+    jax_iteration, step_text = jax_contender()
+    contenders = {'jax': jax_iteration}
+    if compare_torch:
+        contenders['torch eager'] = torch_contender(compile=False)
+        try:
+            contenders['torch compiled'] = torch_contender(compile=True)
+        except Exception as e:  # torch.compile needs a working C++ compiler on CPU, Triton on GPU
+            print(f"torch.compile failed, timing eager only: {type(e).__name__}: {str(e).splitlines()[0]}")
+    for iteration in contenders.values():
+        for _ in range(warmup_steps):
+            iteration()
+    # interleave the contenders in short rounds, so that a busy machine slows them alike
+    times, cpu_peaks = defaultdict(list), []
+    steps_per_round = 5
+    with jax.profiler.trace(profile_dir) if profile else nullcontext():
+        for r in range(max(num_steps // steps_per_round, 1)):
+            for name, iteration in contenders.items():
+                times[name] += [timed(iteration) for _ in range(steps_per_round)]
+            if jax.default_backend() == 'cpu' and not peak_flops and not profile:
+                cpu_peaks.append(measure_cpu_peak_flops())  # in every round too: the machine may be shared
+    peak = peak_flops or tu.device_peak_flops(devices[0])
+    if cpu_peaks:
+        peak = max(cpu_peaks)
+        print(f"cpu peak, measured on {len(devices)} x float32 2048^3 matrix products: {peak / 1e9:.0f} GFLOP/s per device")
+    n_params = count_params(init_params(config, jax.random.key(0)))
+    tokens = ga * batch_size * block_size
+    flops = flops_per_token(config, n_params) * tokens
+    for name, t in times.items():
+        dt = float(np.median(t))
+        mfu = f"{flops / dt / (peak * len(devices)) * 100:.1f}%" if peak else "n/a (unknown device peak)"
+        print(f"{name}: {dt * 1000:.2f} ms/iter, {tokens / dt:,.0f} tokens/s, mfu {mfu}")
+    for name in contenders:
+        if name != 'jax':
+            print(f"jax / {name}: {np.median(times[name]) / np.median(times['jax']):.2f}x the iterations/s")
+    if profile:
+        print(f"trace written to {profile_dir} (TensorBoard or ui.perfetto.dev); top XLA ops over the timed steps:")
+        for name, ms in top_ops(profile_dir, step_text):
+            print(f"{ms:8.3f} ms  {name}")
+
+
+# -----------------------------------------------------------------------------
+# sampling: the key/value cache against nanoGPT's full forward over the growing context
+
+@jax.jit
+def no_cache_next_token(params, padded, t, key):
+    """The next token after the first t tokens of padded (B, L): the model over all L positions
+    (the right padding cannot change the positions before it). The logits of position t - 1 are
+    computed from ln_f's output; XLA drops the lm_head rows nobody uses."""
+    _, state = GPT(config).apply({'params': params}, padded, mutable='intermediates',
+                                 capture_intermediates=lambda m, _: m.name == 'ln_f')
+    h = jax.lax.dynamic_slice_in_dim(state['intermediates']['ln_f']['__call__'][0], t - 1, 1, axis=1)
+    logits = (h @ params['wte']['embedding'].T.astype(h.dtype)).astype(jnp.float32)  # (B, 1, V)
+    return sample_token(logits, key, 1.0, 200)
+
+
+def no_cache_generate(params, idx, key, bucket=64):
+    """nanoGPT's generate: the model over the whole (cropped) context for every new token. The
+    context is padded to a multiple of `bucket` so as not to compile once per length: each token
+    pays for up to bucket - 1 positions more than in nanoGPT."""
+    keys = jax.random.split(key, max_new_tokens)
+    for i in range(max_new_tokens):
+        t = min(idx.shape[1], block_size)
+        padded = np.zeros((idx.shape[0], min(-(-t // bucket) * bucket, block_size)), np.int32)
+        padded[:, :t] = idx[:, -t:]
+        idx = np.concatenate([idx, np.asarray(no_cache_next_token(params, padded, t, keys[i]))[:, None]], axis=1)
+    return idx
+
+
+def bench_sampling(bucket=64):
+    params = init_params(config, jax.random.key(seed))
+    idx, key = np.zeros((1, 1), np.int32), jax.random.key(seed)
+    cached = lambda: generate(params, config, idx, key, max_new_tokens, 1.0, 200).block_until_ready()
+    cached()  # compiles
+    for length in range(bucket, min(1 + max_new_tokens + bucket, block_size + 1), bucket):
+        no_cache_next_token(params, np.zeros((1, length), np.int32), 1, key).block_until_ready()  # compiles
+    times = {'kv cache': timed(cached), 'no cache': timed(lambda: no_cache_generate(params, idx, key, bucket))}
+    for name, dt in times.items():
+        print(f"{name}: {max_new_tokens} tokens in {dt:.2f} s, {max_new_tokens / dt:.1f} tokens/s")
+    print(f"kv cache / no cache: {times['no cache'] / times['kv cache']:.1f}x the tokens/s")
+
+
+if sample:
+    bench_sampling()
+else:
+    bench_training()

@@ -47,6 +47,8 @@ def check_sample_config(config):
     """The values of sample_jax.py's config that no sampling could use."""
     for key in ('num_samples', 'max_new_tokens', 'top_k'):
         at_least(config, key, 1)
+    if not 0.0 < config['top_p'] <= 1.0:
+        die(f"top_p={config['top_p']} is not allowed: top_p is a probability, above 0 and at most 1 (1.0 turns it off)")
     if config['temperature'] <= 0:
         die(f"temperature={config['temperature']} is not allowed: temperature must be above 0 "
             f"(below 1 is less random, e.g. 0.01 is nearly greedy)")

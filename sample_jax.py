@@ -16,6 +16,7 @@ num_samples = 10  # number of samples to draw
 max_new_tokens = 500  # number of tokens generated in each sample
 temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, in the predictions
 top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability
+top_p = 1.0  # then only the fewest most likely tokens whose probabilities add up to top_p (1.0 = off)
 seed = 1337
 cpu_devices = 0  # on CPU, the JAX devices the cores become: 0 one per core (as num_samples splits), 1 turns it off
 device = 'cuda'  # 'cpu' forces the CPU; any other value uses the GPU/TPU when present, else the CPU
@@ -96,7 +97,7 @@ if not start_ids:
 # run generation: all samples as one batch, compiled once, split over the devices when they divide it
 x = jnp.tile(jnp.array(start_ids, dtype=jnp.int32)[None, :], (num_samples, 1))
 x = jax.device_put(x, NamedSharding(mesh, P('data' if num_samples % jax.device_count() == 0 else None)))
-y = generate(params, config, x, jax.random.key(seed), max_new_tokens, temperature, top_k)
+y = generate(params, config, x, jax.random.key(seed), max_new_tokens, temperature, top_k, top_p)
 for row in jax.device_get(y):
     print(decode(row.tolist()))
     print('---------------')

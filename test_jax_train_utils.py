@@ -107,6 +107,22 @@ def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch():
     assert int(acc.step) == 1
 
 
+def test_train_step_compiles_once_across_iterations():
+    """The loop feeds each step the state the previous one returned and a new batch: one compiled
+    program must serve them all (a changed dtype, weak type or placement would compile again).
+    The first state is built by a jitted create_train_state, as train_jax.py builds it."""
+    params = init_params(TINY, jax.random.key(0))
+    tx = tu.configure_optimizer(params, 1e-3, 0.1, 0.9, 0.95, 1.0, True, 2, 10, 1e-4)
+    state = jax.jit(tu.create_train_state, static_argnums=(0, 2))(TINY, params, tx)
+    compiled_before = tu.train_step._cache_size()
+    for seed in range(4):
+        x, y = random_batch(6, seed)  # GA=3, B=2: a shape no other test compiles
+        state, loss = tu.train_step(state, x.reshape(3, 2, -1), y.reshape(3, 2, -1), jax.random.key(1))
+        float(loss)
+    assert int(state.step) == 4
+    assert tu.train_step._cache_size() == compiled_before + 1
+
+
 def test_dropout_is_keyed_by_step_and_off_in_eval():
     config = GPTConfig(**{**TINY.__dict__, 'dropout': 0.5})
     params = init_params(config, jax.random.key(0))

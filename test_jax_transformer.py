@@ -1,5 +1,6 @@
 """Tests of jax_transformer.py: the model against Hugging Face's GPT-2, init, surgery, sampling."""
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -106,21 +107,27 @@ def test_crop_block_size_keeps_short_context_logits(hf_and_params):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def reference_generate(params, config, idx, key, max_new_tokens, temperature, top_k):
-    """nanoGPT's generate: run the model on the last block_size tokens for every new token.
-    The window is right-padded to block_size so that one compiled forward serves every length
-    (causal attention: the padding cannot change the logits of the positions before it)."""
-    @jax.jit
-    def next_logits(padded, t):
-        logits, _ = GPT(config).apply({'params': params}, padded, jnp.zeros_like(padded))
-        return jax.lax.dynamic_slice_in_dim(logits, t - 1, 1, axis=1)
+@partial(jax.jit, static_argnums=1)
+def padded_logits_at(params, config, padded, t):
+    logits, _ = GPT(config).apply({'params': params}, padded, jnp.zeros_like(padded))
+    return jax.lax.dynamic_slice_in_dim(logits, t - 1, 1, axis=1)  # (B, 1, V)
 
+
+def no_cache_logits(params, config, idx):
+    """nanoGPT's forward for the next token, without a cache: the model over the last block_size
+    tokens. The window is right-padded to block_size so that one compiled forward serves every
+    length (causal attention: the padding cannot change the logits of the positions before it)."""
+    window = np.asarray(idx[:, -config.block_size:])
+    t = window.shape[1]
+    return padded_logits_at(params, config, jnp.asarray(np.pad(window, ((0, 0), (0, config.block_size - t)))), t)
+
+
+def reference_generate(params, config, idx, key, max_new_tokens, temperature, top_k, top_p):
+    """nanoGPT's generate: run the model on the last block_size tokens for every new token."""
     keys = jax.random.split(key, max_new_tokens)
     for i in range(max_new_tokens):
-        window = np.asarray(idx[:, -config.block_size:])
-        window = np.pad(window, ((0, 0), (0, config.block_size - window.shape[1])))
-        logits = next_logits(jnp.asarray(window), min(idx.shape[1], config.block_size))
-        idx = jnp.concatenate([idx, sample_token(logits, keys[i], temperature, top_k)[:, None]], axis=1)
+        logits = no_cache_logits(params, config, idx)
+        idx = jnp.concatenate([idx, sample_token(logits, keys[i], temperature, top_k, top_p)[:, None]], axis=1)
     return idx
 
 
@@ -130,17 +137,29 @@ def test_cached_generation_matches_nanogpt_generate(hf_and_params, prompt_len, m
     _, params = hf_and_params
     idx = jnp.array(np.random.default_rng(3).integers(0, TINY.vocab_size, (2, prompt_len)), dtype=jnp.int32)
     key = jax.random.key(7)
-    for temperature, top_k in ((1.0, 5), (0.8, None)):
-        got = generate(params, TINY, idx, key, max_new_tokens, temperature, top_k)
-        want = reference_generate(params, TINY, idx, key, max_new_tokens, temperature, top_k)
+    for temperature, top_k, top_p in ((1.0, 5, 1.0), (0.8, None, 1.0), (1.0, 20, 0.6)):
+        got = generate(params, TINY, idx, key, max_new_tokens, temperature, top_k, top_p)
+        want = reference_generate(params, TINY, idx, key, max_new_tokens, temperature, top_k, top_p)
         np.testing.assert_array_equal(np.array(got), np.array(want))
 
 
-def test_top_k_one_is_greedy(hf_and_params):
+def test_greedy_cached_decoding_equals_full_forward_argmax(hf_and_params):
+    # top_k=1 is greedy: every token is the argmax of a full forward (no cache) over the last
+    # block_size tokens, before the cache is full (t < 32) and after (the sliding window)
     _, params = hf_and_params
-    idx = jnp.array([[1, 2, 3]], dtype=jnp.int32)
-    out = generate(params, TINY, idx, jax.random.key(0), 4, 1.0, 1)
-    forward = jax.jit(lambda idx: GPT(TINY).apply({'params': params}, idx)[0])
-    for t in range(3, 7):
-        logits = forward(out[:, :t])
-        assert int(out[0, t]) == int(jnp.argmax(logits[0, -1]))
+    idx = jnp.array(np.random.default_rng(4).integers(0, TINY.vocab_size, (2, 3)), dtype=jnp.int32)
+    out = generate(params, TINY, idx, jax.random.key(0), 40, 1.0, 1)
+    for t in range(3, 43):
+        logits = no_cache_logits(params, TINY, out[:, :t])
+        np.testing.assert_array_equal(out[:, t], jnp.argmax(logits[:, -1], axis=-1), err_msg=f"position {t}")
+
+
+def test_top_p_keeps_the_fewest_tokens_adding_up_to_p():
+    logits = jnp.log(jnp.array([[[0.05, 0.5, 0.15, 0.3]]]))  # (1, 1, 4)
+    keys = jax.random.split(jax.random.key(0), 4000)
+    for top_p, kept in ((0.4, [1]), (0.7, [1, 3]), (0.9, [1, 3, 2]), (1.0, [1, 3, 2, 0])):
+        tokens = jax.vmap(lambda k: sample_token(logits, k, 1.0, None, top_p))(keys)
+        freq = np.bincount(np.ravel(tokens), minlength=4) / len(keys)
+        want = np.zeros(4)
+        want[kept] = np.exp(np.asarray(logits[0, 0]))[kept] / np.exp(np.asarray(logits[0, 0]))[kept].sum()
+        np.testing.assert_allclose(freq, want, atol=0.03, err_msg=f"top_p {top_p}")

@@ -50,6 +50,7 @@ n_head = 12
 n_embd = 768
 dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
 bias = False  # do we use bias inside LayerNorm and Linear layers?
+remat = False  # recompute each block's activations in the backward pass: less memory, more compute
 # adamw optimizer
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
@@ -201,6 +202,7 @@ else:
 if block_size < model_config.block_size:
     params, model_config = crop_block_size(params, model_config, block_size)
     model_args['block_size'] = block_size  # so that the checkpoint will have the right value
+model_config = GPTConfig(**{**model_config.__dict__, 'remat': remat})  # not a shape: not in the checkpoint
 
 # every token of the data must be in the model's vocabulary
 vocab_from = {'scratch': meta_path if meta_vocab_size else "GPT-2's, padded", 'resume': "the checkpoint's"}
