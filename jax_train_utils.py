@@ -11,6 +11,7 @@ import itertools
 import math
 import os
 import signal
+from typing import NamedTuple
 
 import numpy as np
 import jax
@@ -60,6 +61,8 @@ def configure_devices(device, cpu_devices, batches):
             cpu_devices = max(n for n in range(1, (os.cpu_count() or 1) + 1)
                               if all(n_batches % n == 0 or batch_size % n == 0 for n_batches, batch_size in batches))
         jax.config.update('jax_num_cpu_devices', cpu_devices)
+        if cpu_devices > 1:  # a core per device: threading each device's matrix products only adds contention
+            os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false'
 
 
 def make_mesh():
@@ -157,6 +160,40 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+class AdamWState(NamedTuple):
+    count: jax.Array  # updates done so far, which the learning rate schedule reads
+    mu: dict  # first moments, shaped like the params
+    nu: dict  # second moments
+
+
+def adamw(learning_rate, weight_decay, beta1, beta2, grad_clip, mask, eps=1e-8):
+    """torch.optim.AdamW after clip_grad_norm_, as nanoGPT steps: the gradients scaled to a global
+    norm of at most grad_clip (0 disables it), Adam's bias-corrected moments, and decoupled weight
+    decay on the parameters where mask is True. learning_rate is a number or a function of the
+    count. Written out rather than chained from optax's pieces so that each parameter is updated
+    in one pass: on the CPU config that is ~2 ms (5%) faster per step (bench_jax.py)."""
+    def init(params):
+        return AdamWState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(jnp.zeros_like, params),
+                          nu=jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads, state, params):
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        count = state.count + 1
+        clip = jnp.minimum(1.0, grad_clip / optax.global_norm(grads)) if grad_clip > 0.0 else 1.0
+        bias1, bias2 = 1 - beta1 ** count, 1 - beta2 ** count
+
+        def one(g, mu, nu, p, decay):
+            g = g * clip
+            mu = beta1 * mu + (1 - beta1) * g
+            nu = beta2 * nu + (1 - beta2) * g * g
+            step = (mu / bias1) / (jnp.sqrt(nu / bias2) + eps) + (weight_decay * p if decay else 0.0)
+            return -lr * step, mu, nu
+        out = jax.tree.map(one, grads, state.mu, state.nu, params, mask)
+        updates, mu, nu = (jax.tree.map(lambda o: o[i], out, is_leaf=lambda o: isinstance(o, tuple)) for i in range(3))
+        return updates, AdamWState(count, mu, nu)
+    return optax.GradientTransformation(init, update)
+
+
 def configure_optimizer(params, learning_rate, weight_decay, beta1, beta2, grad_clip,
                         decay_lr, warmup_iters, lr_decay_iters, min_lr):
     """AdamW with nanoGPT's weight decay mask and schedule, after global-norm clipping
@@ -171,10 +208,7 @@ def configure_optimizer(params, learning_rate, weight_decay, beta1, beta2, grad_
         schedule = lambda count: get_lr(count, learning_rate, warmup_iters, lr_decay_iters, min_lr)
     else:
         schedule = learning_rate
-    return optax.chain(
-        optax.clip_by_global_norm(grad_clip) if grad_clip > 0.0 else optax.identity(),
-        optax.adamw(schedule, b1=beta1, b2=beta2, eps=1e-8, weight_decay=weight_decay, mask=mask),
-    )
+    return adamw(schedule, weight_decay, beta1, beta2, grad_clip, mask)
 
 
 @functools.lru_cache
@@ -290,15 +324,16 @@ def save_checkpoint(manager, state, meta):
 
 def restore_latest(manager, args):
     """manager.restore of the latest checkpoint; ValueError with a one-line message when it cannot
-    be read into args: written with another optimizer structure (decay_lr) or damaged."""
+    be read into args: written for another model or optimizer, or damaged."""
     step = manager.latest_step()
     try:
         return manager.restore(step, args=args)
     except Exception as e:  # orbax and tensorstore raise many kinds
-        reason = (str(e).strip().splitlines() or [''])[0][:200].rstrip(':')
+        manager.close()  # its background work would print a traceback at exit
+        reason = (str(e).strip().splitlines() or [''])[0].split('. ')[0][:200].rstrip(':.')
         raise ValueError(f"cannot restore the checkpoint {manager.directory}/{step} ({type(e).__name__}: "
-                         f"{reason}): resume with the settings it was written with (decay_lr changes the "
-                         f"optimizer state), or, if it is damaged, start again in another --out_dir") from None
+                         f"{reason}): it was written for another model or optimizer, or is damaged; "
+                         f"start again in another --out_dir") from None
 
 
 def restore_meta(manager):

@@ -2,6 +2,7 @@
 work starts; SIGTERM, ^C, kill -9 and a diverging loss lose no work; the same config and seed
 print the same losses."""
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -151,13 +152,12 @@ BAD_INPUT = [
      "block_size=64, but the checkpoint's model has block_size 32: resume with --block_size=32"),
     ('train_jax.py', RESUME + ['--dataset=other_vocab'], "{data}/other_vocab/meta.pkl has vocab_size 40, but the "
      "checkpoint's model has 30: resume on the dataset it was trained on (--dataset=tiny)"),
-    ('train_jax.py', RESUME + ['--decay_lr=False'], "cannot restore the checkpoint {ref}/12 (ValueError: "
-     "User-provided restore item and on-disk value metadata tree structures do not match): resume with the "
-     "settings it was written with (decay_lr changes the optimizer state), or, if it is damaged, start again in "
-     "another --out_dir"),
+    ('train_jax.py', RESUME + ['--out_dir={reshaped}', '--block_size=48'], "cannot restore the checkpoint "
+     "{reshaped}/12 (ValueError: Requested shape: (48, 32) is not compatible with the stored shape: (32, 32)): it "
+     "was written for another model or optimizer, or is damaged; start again in another --out_dir"),
     ('train_jax.py', RESUME + ['--out_dir={damaged}'], "cannot restore the checkpoint {damaged}/12 "
-     "(JSONDecodeError: Expecting value: line 1 column 1 (char 0)): resume with the settings it was written with "
-     "(decay_lr changes the optimizer state), or, if it is damaged, start again in another --out_dir"),
+     "(JSONDecodeError: Expecting value: line 1 column 1 (char 0)): it was written for another model or optimizer, "
+     "or is damaged; start again in another --out_dir"),
     # sampling
     ('sample_jax.py', SAMPLE + ['--top_k=0'], "top_k=0 is not allowed: top_k must be 1 or more"),
     ('sample_jax.py', SAMPLE + ['--temperature=-1.0'], "temperature=-1.0 is not allowed: temperature must be above "
@@ -177,8 +177,12 @@ def bad_input_paths(data_root, reference, tmp_path_factory):
     (tmp / 'broken.py').write_text("batch_size = 4\nn_layer = = 2\n")
     shutil.copytree(reference[0], tmp / 'damaged')
     (tmp / 'damaged' / '12' / 'meta' / 'metadata').write_text('garbage')
+    shutil.copytree(reference[0], tmp / 'reshaped')  # its metadata names a longer wpe than it holds
+    meta = json.loads((tmp / 'reshaped' / '12' / 'meta' / 'metadata').read_text())
+    meta['model_args']['block_size'] = 48
+    (tmp / 'reshaped' / '12' / 'meta' / 'metadata').write_text(json.dumps(meta))
     return dict(data=data_root, ref=reference[0], new=tmp / 'new', empty=tmp / 'empty', file=tmp / 'file',
-                damaged=tmp / 'damaged', broken_config=tmp / 'broken.py')
+                damaged=tmp / 'damaged', reshaped=tmp / 'reshaped', broken_config=tmp / 'broken.py')
 
 
 @pytest.mark.parametrize('script,args,message', BAD_INPUT, ids=[m[:40] for _, _, m in BAD_INPUT])
