@@ -11,6 +11,7 @@ import itertools
 import math
 import os
 import signal
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -326,14 +327,18 @@ def restore_latest(manager, args):
     """manager.restore of the latest checkpoint; ValueError with a one-line message when it cannot
     be read into args: written for another model or optimizer, or damaged."""
     step = manager.latest_step()
+    # when a restore fails, the reads still in flight end in orbax's closed event loop and print
+    # tracebacks through sys.excepthook, from other threads, any time: silent until it succeeds
+    hook, sys.excepthook = sys.excepthook, lambda *args: None
     try:
-        return manager.restore(step, args=args)
-    except Exception as e:  # orbax and tensorstore raise many kinds
-        manager.close()  # its background work would print a traceback at exit
+        restored = manager.restore(step, args=args)
+    except Exception as e:  # orbax and tensorstore raise many kinds; the caller ends the program
         reason = (str(e).strip().splitlines() or [''])[0].split('. ')[0][:200].rstrip(':.')
         raise ValueError(f"cannot restore the checkpoint {manager.directory}/{step} ({type(e).__name__}: "
                          f"{reason}): it was written for another model or optimizer, or is damaged; "
                          f"start again in another --out_dir") from None
+    sys.excepthook = hook
+    return restored
 
 
 def restore_meta(manager):
