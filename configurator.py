@@ -12,7 +12,6 @@ Any mistake stops the script with a one-line error and exit code 2, before any w
 """
 
 import difflib
-import os
 import sys
 from ast import literal_eval
 
@@ -21,9 +20,8 @@ CONFIG_TYPES = (int, float, bool, str)
 
 def die(message, code=2):
     """Stop the script with a one-line error and exit code 2 (a mistake in what it was given)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(code)  # now: checkpoint reads still in flight would print tracebacks at interpreter exit
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def config_keys(config_globals):

@@ -328,8 +328,9 @@ def restore_latest(manager, args):
     be read into args: written for another model or optimizer, or damaged."""
     step = manager.latest_step()
     # when a restore fails, the reads still in flight end in orbax's closed event loop and print
-    # tracebacks through sys.excepthook, from other threads, any time: silent until it succeeds
-    hook, sys.excepthook = sys.excepthook, lambda *args: None
+    # tracebacks through sys.excepthook and, at exit, sys.unraisablehook: silent until it succeeds
+    hooks = sys.excepthook, sys.unraisablehook
+    sys.excepthook = sys.unraisablehook = lambda *args: None
     try:
         restored = manager.restore(step, args=args)
     except Exception as e:  # orbax and tensorstore raise many kinds; the caller ends the program
@@ -337,7 +338,7 @@ def restore_latest(manager, args):
         raise ValueError(f"cannot restore the checkpoint {manager.directory}/{step} ({type(e).__name__}: "
                          f"{reason}): it was written for another model or optimizer, or is damaged; "
                          f"start again in another --out_dir") from None
-    sys.excepthook = hook
+    sys.excepthook, sys.unraisablehook = hooks
     return restored
 
 

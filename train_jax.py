@@ -12,6 +12,7 @@ and on the second: the same with JAX_PROCESS_ID=1. Under SLURM, Open MPI or on a
 this is found out automatically.
 """
 
+import dataclasses
 import math
 import os
 import signal
@@ -202,7 +203,7 @@ else:
 if block_size < model_config.block_size:
     params, model_config = crop_block_size(params, model_config, block_size)
     model_args['block_size'] = block_size  # so that the checkpoint will have the right value
-model_config = GPTConfig(**{**model_config.__dict__, 'remat': remat})  # not a shape: not in the checkpoint
+model_config = dataclasses.replace(model_config, remat=remat)  # not a shape: not in the checkpoint
 
 # every token of the data must be in the model's vocabulary
 vocab_from = {'scratch': meta_path if meta_vocab_size else "GPT-2's, padded", 'resume': "the checkpoint's"}
@@ -309,8 +310,9 @@ while True:
     iters_timed += 1
 
     # timing and logging
-    if iter_num % log_interval == 0 and master_process:
+    if iter_num % log_interval == 0:
         lossf = float(loss)  # waits for the device: the mean loss over this iteration's micro-steps
+    if iter_num % log_interval == 0 and master_process:
         t1 = time.time()
         dt = (t1 - t0) / iters_timed  # mean time per iteration since the last log
         t0, iters_timed = t1, 0
@@ -320,8 +322,8 @@ while True:
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {running_mfu * 100:.2f}%")
     # a diverged run stops before it can save; every process looks, so that all of them stop
-    if iter_num % log_interval == 0 and not math.isfinite(float(loss)):
-        diverged(f"loss is {float(loss)}")
+    if iter_num % log_interval == 0 and not math.isfinite(lossf):
+        diverged(f"loss is {lossf}")
     iter_num += 1
     local_iter_num += 1
 
