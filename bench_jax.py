@@ -12,13 +12,13 @@ import glob
 import gzip
 import json
 import os
-import pickle
 import re
 import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
 
+import checks
 from configurator import configure, die
 
 # -----------------------------------------------------------------------------
@@ -75,8 +75,7 @@ if vocab_size == 0:
     meta_path = os.path.join(data_dir, 'meta.pkl')
     vocab_size = 50304
     if os.path.exists(meta_path):
-        with open(meta_path, 'rb') as f:
-            vocab_size = pickle.load(f)['vocab_size']
+        vocab_size = checks.read_meta(meta_path, ['vocab_size'])['vocab_size']
 config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
                    n_embd=n_embd, dropout=dropout, bias=bias, dtype=dtype, remat=remat)
 mesh = tu.make_mesh()
