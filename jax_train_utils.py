@@ -8,6 +8,7 @@ import concurrent.futures
 import functools
 import importlib.util
 import itertools
+import logging
 import math
 import os
 import signal
@@ -328,9 +329,11 @@ def restore_latest(manager, args):
     be read into args: written for another model or optimizer, or damaged."""
     step = manager.latest_step()
     # when a restore fails, the reads still in flight end in orbax's closed event loop and print
-    # tracebacks through sys.excepthook and, at exit, sys.unraisablehook: silent until it succeeds
+    # tracebacks through sys.excepthook, the asyncio logger and, at exit, sys.unraisablehook:
+    # all silent until the restore succeeds
     hooks = sys.excepthook, sys.unraisablehook
     sys.excepthook = sys.unraisablehook = lambda *args: None
+    logging.getLogger('asyncio').disabled = True
     try:
         restored = manager.restore(step, args=args)
     except Exception as e:  # orbax and tensorstore raise many kinds; the caller ends the program
@@ -339,6 +342,7 @@ def restore_latest(manager, args):
                          f"{reason}): it was written for another model or optimizer, or is damaged; "
                          f"start again in another --out_dir") from None
     sys.excepthook, sys.unraisablehook = hooks
+    logging.getLogger('asyncio').disabled = False
     return restored
 
 
