@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_transformer import (GPT, GPTConfig, init_params, count_params, crop_block_size, params_from_hf,
-                             param_paths, hf_name, generate, sample_token, flops_per_token)
+                             param_paths, hf_name, generate, sample_token, flops_per_token, cpu_matmul)
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -58,6 +58,20 @@ def test_logits_loss_and_gradients_match_hugging_face(hf_and_params):
     assert len(paths) == len(hf_grads)  # every HF parameter has its counterpart
     for path, g in paths:
         np.testing.assert_allclose(np.array(g), hf_grads[hf_name(path)], atol=1e-5, rtol=0, err_msg=str(path))
+
+
+@pytest.mark.parametrize('x_shape', [(12, 16), (3, 4, 16)])
+def test_cpu_matmul_has_the_gradients_of_a_plain_product(x_shape):
+    kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+    x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, (16, 24))
+    dy = jax.random.normal(kd, x_shape[:-1] + (24,))
+    for f in (cpu_matmul, jax.jit(cpu_matmul)):
+        y, vjp = jax.vjp(f, x, w)
+        want_y, want_vjp = jax.vjp(jnp.matmul, x, w)
+        np.testing.assert_allclose(y, want_y, rtol=1e-6, atol=1e-6)
+        for got, want in zip(vjp(dy), want_vjp(dy)):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_without_targets_only_the_last_position(hf_and_params):
