@@ -134,7 +134,7 @@ def jax_contender():
     batch_sharding = NamedSharding(mesh, P(None, 'data'))
     x, y = jax.device_put(get_batch(rng, layout), batch_sharding)
     t0 = time.perf_counter()
-    step = tu.train_step.lower(state, x, y, key).compile()
+    step = tu.make_train_step(None, mesh).lower(state, x, y, key).compile()
     print(f"jax: compile {time.perf_counter() - t0:.2f} s, {count_params(params) / 1e6:.2f}M parameters")
 
     def iteration():

@@ -179,21 +179,22 @@ mesh = tu.make_mesh()
 x, y = t.random_batch(16)
 batch = lambda a, steps: jax.device_put(a.reshape(steps, -1, a.shape[-1]), NamedSharding(mesh, P(None, 'data')))
 out = {}
-for fsdp in (False, True):
-    state = t.make_state()
+for mode in ('replicated', 'flat', 'fsdp'):  # XLA's all-reduces, one flat all-reduce, sharded state
+    state, fsdp = t.make_state(), mode == 'fsdp'
     sharding = tu.state_sharding(mesh, state, fsdp, fsdp_min_size=1024)
-    state, step = jax.device_put(state, sharding), tu.make_train_step(sharding)
+    state = jax.device_put(state, sharding)
+    step = tu.make_train_step(sharding, None if mode == 'replicated' else mesh, fsdp)
     losses = []
     for i in range(2):  # 2 micro-steps of 8 rows split over 8 devices, then 1 micro-step of 16
         state, loss = step(state, batch(x, 2 - i), batch(y, 2 - i), jax.random.key(1))
         losses.append(float(loss))
     assert all(a.sharding == s for a, s in zip(jax.tree.leaves(state), jax.tree.leaves(sharding)))
-    out[fsdp] = dict(losses=losses, eval=float(tu.eval_loss(state, batch(x, 2), batch(y, 2))),
+    out[mode] = dict(losses=losses, eval=float(tu.eval_loss(state, batch(x, 2), batch(y, 2))),
                      specs={k: list(s.spec) for k, s in [('c_fc', sharding.params['h_0']['mlp']['c_fc']['kernel']),
                             ('wte', sharding.params['wte']['embedding']), ('ln_f', sharding.params['ln_f']['scale']),
                             ('mu', sharding.opt_state.mu['h_0']['mlp']['c_fc']['kernel'])]},
                      bytes=tu.bytes_per_device(state, sharding))
-    np.save(f'params_{fsdp}.npy', np.concatenate([np.ravel(p) for p in jax.tree.leaves(state.params)]))
+    np.save(f'params_{mode}.npy', np.concatenate([np.ravel(p) for p in jax.tree.leaves(state.params)]))
     if fsdp:  # an FSDP checkpoint restores replicated
         manager = tu.checkpoint_manager('ckpt')
         tu.save_checkpoint(manager, state, {'iter_num': 2})
@@ -214,7 +215,8 @@ print(json.dumps(out))
 
 def test_eight_devices_replicated_or_fsdp_give_the_single_device_result(tmp_path):
     """The batch split over an 8-device mesh (CPU devices, in a subprocess), with the train state
-    replicated or FSDP-sharded, gives the losses, eval loss and parameters of one device; the
+    replicated (XLA's all-reduces, or one flat all-reduce) or FSDP-sharded, gives the losses, eval
+    loss and parameters of one device; the
     shardings survive the step, and an FSDP checkpoint restores replicated."""
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
                PYTHONPATH=REPO)
@@ -229,14 +231,14 @@ def test_eight_devices_replicated_or_fsdp_give_the_single_device_result(tmp_path
         losses.append(float(loss))
     eval1 = float(tu.eval_loss(state, x.reshape(2, 8, -1), y.reshape(2, 8, -1)))
     flat = np.concatenate([np.ravel(p) for p in jax.tree.leaves(state.params)])
-    for fsdp in ('false', 'true'):
-        np.testing.assert_allclose(result[fsdp]['losses'], losses, atol=1e-6)
-        assert abs(result[fsdp]['eval'] - eval1) < 1e-6
-        np.testing.assert_allclose(np.load(tmp_path / f'params_{fsdp.title()}.npy'), flat, atol=1e-6)
-    assert all(spec == [] for spec in result['false']['specs'].values())
+    for mode in ('replicated', 'flat', 'fsdp'):
+        np.testing.assert_allclose(result[mode]['losses'], losses, atol=1e-6, err_msg=mode)
+        assert abs(result[mode]['eval'] - eval1) < 1e-6
+        np.testing.assert_allclose(np.load(tmp_path / f'params_{mode}.npy'), flat, atol=1e-6, err_msg=mode)
+    assert all(spec == [] for spec in result['replicated']['specs'].values())
     # FSDP splits each big array along its largest dimension that 8 divides; small ones stay whole
-    assert result['true']['specs'] == {'c_fc': [None, 'data'], 'wte': ['data', None], 'ln_f': [], 'mu': [None, 'data']}
-    assert result['true']['bytes'] < result['false']['bytes'] / 2
+    assert result['fsdp']['specs'] == {'c_fc': [None, 'data'], 'wte': ['data', None], 'ln_f': [], 'mu': [None, 'data']}
+    assert result['fsdp']['bytes'] < result['replicated']['bytes'] / 2
     replicated, sharded = result['xl']
     assert replicated == 3 * 4 * 1_557_611_200 + 2 * 4  # params, Adam's mu and nu in float32; 2 step counts
     assert sharded < replicated / 8 * 1.01, result['xl']

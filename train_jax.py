@@ -226,7 +226,7 @@ else:
     # the params are donated: a second copy of gpt2-xl would cost 6 GB at start
     state = jax.jit(tu.create_train_state, static_argnums=(0, 2), out_shardings=state_sharding,
                     donate_argnums=1)(model_config, params, tx)
-train_step = tu.make_train_step(state_sharding)
+train_step = tu.make_train_step(state_sharding, mesh, fsdp)
 if master_process:
     state_mib = tu.bytes_per_device(abstract_state, state_sharding) / 2**20
     print(f"params and optimizer state: {state_mib:,.1f} MiB per device")
