@@ -191,7 +191,7 @@ def jax_op_names(hlo_text):
     for name, op in re.findall(r'^\s*%?(\S+) = .*?op_name="([^"]*)"', hlo_text, re.M):
         if name.startswith('all-') or ':' in op:  # a collective, or ops merged from many places
             continue
-        op = re.sub(r'^jit\([^)]*\)/|while/body/|closed_call/|eval_jaxpr/', '', op)  # scan's wrappers
+        op = re.sub(r'^jit\([^)]*\)/|shard_map/|while/body/|closed_call/|eval_jaxpr/', '', op)  # wrappers
         op = op.replace('transpose(jvp(GPT))', 'backward').replace('jvp(GPT)', 'forward')
         names[name] = re.sub(r'h_\d+', 'h_*', op)
     return names
@@ -200,15 +200,21 @@ def jax_op_names(hlo_text):
 def top_ops(trace_dir, hlo_text, n=25):
     """The n most expensive JAX operations of the train step on device 0, in ms per step, from the
     newest trace in trace_dir (XLA's op names, when an op has no JAX name). Each XLA op counts its
-    median time over the steps: on a shared machine a few runs are stretched by preemption."""
+    median time over the steps: on a shared machine a few runs are stretched by preemption. An op
+    lasts until its 'end:' event: a matrix product left to Eigen returns before it is done."""
     path = max(glob.glob(os.path.join(trace_dir, 'plugins/profile/*/*.trace.json.gz')), key=os.path.getmtime)
     with gzip.open(path) as f:
         events = json.load(f)['traceEvents']
+    ends = defaultdict(list)  # (thread, op) -> when each of its runs ended
+    for e in events:
+        if e.get('ph') == 'X' and e['name'].startswith('end: '):
+            ends[e['tid'], e['name'][5:]].append(e['ts'])
     durations, runs = defaultdict(list), set()
     for e in events:
         args = e.get('args', {})
         if e.get('ph') == 'X' and 'hlo_op' in args and args.get('device_ordinal', '0') == '0':
-            durations[e['name']].append(e['dur'] / 1000)
+            end = min((t for t in ends[e['tid'], e['name']] if t >= e['ts']), default=e['ts'] + e['dur'])
+            durations[e['name']].append(max(end, e['ts'] + e['dur']) / 1000 - e['ts'] / 1000)
             runs.add(args.get('run_id'))
     names = jax_op_names(hlo_text)
     totals = defaultdict(float)
