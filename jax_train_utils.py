@@ -182,7 +182,7 @@ def adamw(learning_rate, weight_decay, beta1, beta2, grad_clip, mask, eps=1e-8):
     def update(grads, state, params):
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         count = state.count + 1
-        clip = jnp.minimum(1.0, grad_clip / optax.global_norm(grads)) if grad_clip > 0.0 else 1.0
+        clip = jnp.minimum(1.0, grad_clip / optax.tree.norm(grads)) if grad_clip > 0.0 else 1.0
         bias1, bias2 = 1 - beta1 ** count, 1 - beta2 ** count
 
         def one(g, mu, nu, p, decay):
