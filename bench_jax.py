@@ -213,8 +213,8 @@ def top_ops(trace_dir, hlo_text, n=25):
     for e in events:
         args = e.get('args', {})
         if e.get('ph') == 'X' and 'hlo_op' in args and args.get('device_ordinal', '0') == '0':
-            end = min((t for t in ends[e['tid'], e['name']] if t >= e['ts'] + e['dur']), default=e['ts'] + e['dur'])
-            durations[e['name']].append((end - e['ts']) / 1000)
+            end = min((t for t in ends[e['tid'], e['name']] if t >= e['ts']), default=e['ts'] + e['dur'])
+            durations[e['name']].append(max(end, e['ts'] + e['dur']) / 1000 - e['ts'] / 1000)
             runs.add(args.get('run_id'))
     names = jax_op_names(hlo_text)
     totals = defaultdict(float)
