@@ -83,6 +83,27 @@ def residual_std(config):
     return 0.02 / math.sqrt(2 * config.n_layer)
 
 
+def sorted_take(table, ids):
+    """table[ids] (ids (B, T) -> (B, T, C)), computed so that its gradient is fast on GPUs. Text
+    repeats ids (a space is ~15% of Shakespeare's characters), and the gradient of a plain take
+    is a scatter-add whose atomic adds collide on those rows. Here the rows are gathered in
+    sorted id order, so autodiff's scatter-add gets sorted indices, which XLA's GPU emitter
+    sums in registers over each run of equal ids; putting the rows back in the tokens' order
+    is a permutation, a scatter without collisions. The gradient is the same sum."""
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat)
+    rows = table.at[flat[order]].get(indices_are_sorted=True)  # (B*T, C), in id order
+    x = rows.at[jnp.argsort(order)].get(unique_indices=True)  # (B*T, C), in token order
+    return x.reshape(*ids.shape, table.shape[-1])
+
+
+def take_tokens(table, ids):
+    """The token embeddings table[ids]: sorted_take on GPUs. A CPU adds up the plain take's
+    gradient quickly and would only pay for the sorts (the lookup and its gradient in the CPU
+    config: 0.17 ms plain, 0.37 ms sorted)."""
+    return sorted_take(table, ids) if jax.default_backend() == 'gpu' else jnp.take(table, ids, axis=0)
+
+
 def use_cudnn_attention(config, deterministic, decode):
     """cuDNN's fused (flash) attention: on NVIDIA GPUs, in bfloat16, without attention dropout.
     The key/value cache keeps the plain path, whose mask follows the cache's position."""
@@ -183,7 +204,9 @@ class GPT(nn.Module):
                         embedding_init=nn.initializers.normal(stddev=0.02))
         wte = embed(cfg.vocab_size, cfg.n_embd, name='wte')
         wpe = embed(cfg.block_size, cfg.n_embd, name='wpe')
-        x = wte(idx) + wpe(start + jnp.arange(T))  # (B, T, C)
+        # the lookup in float32 then cast, as nn.Embed's cast then lookup: the gradient sums in float32
+        tok_emb = take_tokens(wte.embedding, idx).astype(cfg.dtype)  # (B, T, C)
+        x = tok_emb + wpe(start + jnp.arange(T))  # (B, T, C)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         # static_argnums counts self: deterministic, decode are Python bools
         block = nn.remat(Block, static_argnums=(2, 3)) if cfg.remat else Block

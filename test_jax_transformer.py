@@ -7,8 +7,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+import jax_transformer
 from jax_transformer import (GPT, GPTConfig, init_params, count_params, crop_block_size, params_from_hf,
-                             param_paths, hf_name, generate, sample_token, flops_per_token, cpu_matmul)
+                             param_paths, hf_name, generate, sample_token, flops_per_token, cpu_matmul, sorted_take)
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -34,7 +35,9 @@ def hf_and_params():
     return hf, params_from_hf(state_dict.__getitem__, TINY)
 
 
-def test_logits_loss_and_gradients_match_hugging_face(hf_and_params):
+@pytest.mark.parametrize('take_tokens', ['take_tokens', 'sorted_take'])  # the CPU's lookup, and the GPU's
+def test_logits_loss_and_gradients_match_hugging_face(hf_and_params, take_tokens, monkeypatch):
+    monkeypatch.setattr(jax_transformer, 'take_tokens', getattr(jax_transformer, take_tokens))
     hf, params = hf_and_params
     rng = np.random.default_rng(0)
     idx = rng.integers(0, TINY.vocab_size, (3, TINY.block_size))
@@ -72,6 +75,20 @@ def test_cpu_matmul_has_the_gradients_of_a_plain_product(x_shape):
         for got, want in zip(vjp(dy), want_vjp(dy)):
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sorted_take_has_the_gradient_of_a_plain_take():
+    # ids repeated as in text: a few ids make most of the tokens, some never come
+    ids = jax.random.categorical(jax.random.key(0), jnp.linspace(0.0, -8.0, 65), shape=(8, 64))
+    table = jax.random.normal(jax.random.key(1), (65, 32))
+    dy = jax.random.normal(jax.random.key(2), (8, 64, 32))
+    counts = np.bincount(np.ravel(ids), minlength=65)
+    assert counts.max() > 40 and counts.min() == 0
+    for f in (sorted_take, jax.jit(sorted_take)):
+        y, vjp = jax.vjp(f, table, ids)
+        want_y, want_vjp = jax.vjp(partial(jnp.take, axis=0), table, ids)
+        np.testing.assert_array_equal(y, want_y)
+        np.testing.assert_allclose(vjp(dy)[0], want_vjp(dy)[0], rtol=1e-6, atol=1e-6)
 
 
 def test_without_targets_only_the_last_position(hf_and_params):
