@@ -18,6 +18,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.extend.random import threefry2x32_p
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,40 @@ def residual_std(config):
     return 0.02 / math.sqrt(2 * config.n_layer)
 
 
+def dropout_mask(key, shape, rate):
+    """A boolean mask of shape, False (drop) with probability rate rounded to a multiple of 2^-16
+    (0.2 drops 13107/65536 = 0.199997), from any jax key. Each threefry draw (64 bits) gives four
+    16-bit uniforms, where flax's nn.Dropout spends a whole draw and a float conversion on every
+    element: random bits for the (B, nh, T, T) attention and every residual stream were a large
+    part of a GPU step with dropout. The counters are positions in the mask, so that a sharded
+    mask is the same as a whole one."""
+    *lead, n = shape
+    words_shape = (*lead, -(-n // 4))  # one draw per 4 elements of the last axis
+    k1, k2 = jax.random.bits(key, (2,), jnp.uint32)  # a threefry key, whatever kind key is
+    # the draw's counter: (row of the leading axes, word in the row)
+    strides = np.cumprod([1] + lead[::-1])[::-1][1:]
+    row = sum((jax.lax.broadcasted_iota(jnp.uint32, words_shape, d) * np.uint32(stride)
+               for d, stride in enumerate(strides)), jnp.zeros(words_shape, jnp.uint32))
+    col = jax.lax.broadcasted_iota(jnp.uint32, words_shape, len(lead))
+    hi, lo = threefry2x32_p.bind(k1, k2, row, col)
+    halves = jnp.stack([hi >> 16, hi & 0xFFFF, lo >> 16, lo & 0xFFFF], axis=-1)  # (*lead, words, 4)
+    uniforms = halves.reshape(*lead, -1)[..., :n]  # 16-bit uniforms, (*lead, n)
+    return uniforms >= np.uint32(round(rate * 2 ** 16))
+
+
+class Dropout(nn.Module):
+    """nn.Dropout (zero with probability rate, scale the rest by 1 / (1 - rate), identity when
+    deterministic) on dropout_mask's cheaper random bits, from the 'dropout' rng."""
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = dropout_mask(self.make_rng('dropout'), x.shape, self.rate)
+        return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+
+
 def sorted_take(table, ids):
     """table[ids] (ids (B, T) -> (B, T, C)), computed so that its gradient is fast on GPUs. Text
     repeats ids (a space is ~15% of Shakespeare's characters), and the gradient of a plain take
@@ -140,11 +175,11 @@ class CausalSelfAttention(nn.Module):
             att = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) / math.sqrt(hs)
             att = jnp.where(mask, att, jnp.finfo(jnp.float32).min)
             att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
-            att = nn.Dropout(cfg.dropout)(att, deterministic=deterministic)
+            att = Dropout(cfg.dropout)(att, deterministic)
             y = jnp.einsum('bhqk,bkhd->bqhd', att, v)
         y = y.reshape(B, T, C)  # re-assemble all head outputs
         y = dense(cfg, C, 'c_proj', std=residual_std(cfg))(y)
-        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        return Dropout(cfg.dropout)(y, deterministic)
 
 
 def gelu_exact(x):
@@ -165,7 +200,7 @@ class MLP(nn.Module):
         x = dense(cfg, 4 * C, 'c_fc')(x.reshape(B * T, C))
         x = nn.gelu(x, approximate=True) if cfg.gelu_approximate else gelu_exact(x)
         x = dense(cfg, C, 'c_proj', std=residual_std(cfg))(x).reshape(B, T, C)
-        return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        return Dropout(cfg.dropout)(x, deterministic)
 
 
 class Block(nn.Module):
@@ -207,7 +242,7 @@ class GPT(nn.Module):
         # the lookup in float32 then cast, as nn.Embed's cast then lookup: the gradient sums in float32
         tok_emb = take_tokens(wte.embedding, idx).astype(cfg.dtype)  # (B, T, C)
         x = tok_emb + wpe(start + jnp.arange(T))  # (B, T, C)
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = Dropout(cfg.dropout)(x, deterministic)
         # static_argnums counts self: deterministic, decode are Python bools
         block = nn.remat(Block, static_argnums=(2, 3)) if cfg.remat else Block
         for i in range(cfg.n_layer):

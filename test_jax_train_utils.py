@@ -173,12 +173,15 @@ MULTI_DEVICE = r"""
 import json, sys, numpy as np, jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import jax_train_utils as tu, test_jax_train_utils as t
-from jax_transformer import GPTConfig, param_shapes
+from jax_transformer import GPTConfig, param_shapes, dropout_mask
 assert jax.device_count() == 8
 mesh = tu.make_mesh()
 x, y = t.random_batch(16)
 batch = lambda a, steps: jax.device_put(a.reshape(steps, -1, a.shape[-1]), NamedSharding(mesh, P(None, 'data')))
-out = {}
+# a dropout mask made on 8 devices, each its rows, is the one made whole
+mask = lambda key: dropout_mask(key, (16, 4, 8, 30), 0.2)
+split_mask = jax.jit(mask, out_shardings=NamedSharding(mesh, P('data')))(jax.random.key(3))
+out = {'split_mask_is_whole': bool(np.array_equal(split_mask, jax.jit(mask)(jax.random.key(3))))}
 for mode in ('replicated', 'flat', 'fsdp'):  # XLA's all-reduces, one flat all-reduce, sharded state
     state, fsdp = t.make_state(), mode == 'fsdp'
     sharding = tu.state_sharding(mesh, state, fsdp, fsdp_min_size=1024)
@@ -216,13 +219,14 @@ print(json.dumps(out))
 def test_eight_devices_replicated_or_fsdp_give_the_single_device_result(tmp_path):
     """The batch split over an 8-device mesh (CPU devices, in a subprocess), with the train state
     replicated (XLA's all-reduces, or one flat all-reduce) or FSDP-sharded, gives the losses, eval
-    loss and parameters of one device; the
-    shardings survive the step, and an FSDP checkpoint restores replicated."""
+    loss and parameters of one device; the shardings survive the step, an FSDP checkpoint
+    restores replicated, and a dropout mask made on 8 devices is the one made on one."""
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
                PYTHONPATH=REPO)
     out = subprocess.run([sys.executable, '-c', MULTI_DEVICE], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.splitlines()[-1])
+    assert result['split_mask_is_whole']
     state, x, y = make_state(), *random_batch(16)
     losses = []
     for i in range(2):

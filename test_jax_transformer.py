@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 
 import jax_transformer
-from jax_transformer import (GPT, GPTConfig, init_params, count_params, crop_block_size, params_from_hf,
-                             param_paths, hf_name, generate, sample_token, flops_per_token, cpu_matmul, sorted_take)
+from jax_transformer import (GPT, GPTConfig, Dropout, init_params, count_params, crop_block_size, params_from_hf,
+                             param_paths, hf_name, generate, sample_token, flops_per_token, cpu_matmul, dropout_mask,
+                             sorted_take)
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -89,6 +90,28 @@ def test_sorted_take_has_the_gradient_of_a_plain_take():
         want_y, want_vjp = jax.vjp(partial(jnp.take, axis=0), table, ids)
         np.testing.assert_array_equal(y, want_y)
         np.testing.assert_allclose(vjp(dy)[0], want_vjp(dy)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_dropout_drops_at_the_rate_and_scales_the_rest():
+    rate, shape = 0.2, (16, 4, 64, 66)  # a last axis that is not a multiple of 4
+    keep = np.asarray(dropout_mask(jax.random.key(0), shape, rate))
+    n = keep.size
+    sigma = math.sqrt(rate * (1 - rate) / n)
+    assert abs((1 - keep.mean()) - rate) < 5 * sigma
+    for lane in range(4):  # each of the 4 uniforms a draw makes, and across rows
+        assert abs((1 - keep[..., lane::4].mean()) - rate) < 5 * sigma * 2
+    assert abs((1 - keep[::2].mean()) - (1 - keep[1::2].mean())) < 5 * sigma * 2
+    both = np.mean(~keep[..., 0::2] & ~keep[..., 1::2])  # neighbours drop independently
+    assert abs(both - rate ** 2) < 5 * math.sqrt(rate ** 2 / (n / 2))
+    # the module: kept elements scaled by 1 / (1 - rate), as nn.Dropout, the mask from the 'dropout' rng
+    x = jax.random.normal(jax.random.key(1), shape)
+    y = np.asarray(Dropout(rate).apply({}, x, False, rngs={'dropout': jax.random.key(0)}))
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / (1 - rate), rtol=1e-6)
+    assert abs((1 - kept.mean()) - rate) < 5 * sigma
+    assert Dropout(rate).apply({}, x, True) is x
+    other = np.asarray(dropout_mask(jax.random.key(1), shape, rate))
+    assert 0.25 < np.mean(keep != other) < 0.4  # another key, another mask: 2 * 0.2 * 0.8 differ
 
 
 def test_without_targets_only_the_last_position(hf_and_params):
