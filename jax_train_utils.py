@@ -68,6 +68,17 @@ def configure_devices(device, cpu_devices, batches):
             os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false'
 
 
+def use_compilation_cache(cache_dir):
+    """Keep what XLA compiles in cache_dir, so that the next run with the same shapes (a resume,
+    another run of the config, sampling again) loads its programs instead of compiling them; the
+    least recently used go when it holds more than 2 GiB. '' turns it off; a
+    JAX_COMPILATION_CACHE_DIR set in the environment wins."""
+    if cache_dir and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+        jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache_dir))
+        jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+        jax.config.update('jax_compilation_cache_max_size', 2 ** 31)
+
+
 def make_mesh():
     """A 1-D mesh named 'data' over every device of every process. Auto axes let XLA propagate
     shardings (an embedding gather on a batch-sharded input needs no annotations)."""

@@ -22,6 +22,7 @@ cpu_devices = 0  # on CPU, the JAX devices the cores become: 0 one per core (as 
 device = 'cuda'  # 'cpu' forces the CPU; any other value uses the GPU/TPU when present, else the CPU
 dtype = 'auto'  # 'float32' or 'bfloat16' compute ('auto': bfloat16 on GPU/TPU, float32 on CPU)
 compile = False  # ignored: sampling is always compiled with XLA, once
+compilation_cache = '~/.cache/nanogpt_jax'  # compiled programs kept for the next run of the same shapes; '' turns it off
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
@@ -38,6 +39,7 @@ import jax_train_utils as tu
 from jax_transformer import generate, from_pretrained
 
 tu.configure_devices(device, cpu_devices, [(1, num_samples)])
+tu.use_compilation_cache(compilation_cache)
 try:
     dtype = tu.resolve_dtype(dtype)
 except ValueError as e:

@@ -20,7 +20,7 @@ NANOGPT_CPU_ARGS = ['config/train_shakespeare_char.py', '--device=cpu', '--compi
                     '--log_interval=1', '--block_size=64', '--batch_size=12', '--n_layer=4', '--n_head=4',
                     '--n_embd=128', '--max_iters=2000', '--lr_decay_iters=2000', '--dropout=0.0']
 SMALL_ARGS = ['--block_size=32', '--batch_size=4', '--n_layer=2', '--n_head=2', '--n_embd=32', '--eval_iters=4',
-              '--eval_interval=10', '--gradient_accumulation_steps=2', '--dropout=0.1', '--warmup_iters=5',
+              '--eval_interval=10', '--gradient_accumulation_steps=2', '--dropout=0.2', '--warmup_iters=5',
               '--lr_decay_iters=30', '--always_save_checkpoint=True']
 
 
@@ -92,16 +92,24 @@ def test_training_prepares_data_learns_and_logs_like_nanogpt(one_go, data_root):
 
 
 def test_resume_continues_exactly(one_go, data_root, tmp_path):
-    """Stopped at iter 10 and resumed, the run prints the same losses as the run done in one go."""
+    """Stopped at iter 10 and resumed, the run (dropout 0.2) prints the same losses as the run done
+    in one go; the resumed run loads the train step that the first one compiled."""
     _, stdout = one_go
-    common = NANOGPT_CPU_ARGS + SMALL_ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}']
+    cache = tmp_path / 'xla_cache'
+    common = NANOGPT_CPU_ARGS + SMALL_ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path / "out"}',
+                                              f'--compilation_cache={cache}']
     loss = lambda ls: [l.split(', time')[0] for l in ls]
     first = run('train_jax.py', common + ['--max_iters=10']).stdout
     assert loss(lines(first, 'iter ')) == loss(lines(stdout, 'iter ')[:11])
+    train_step = lambda: {p.name: p.read_bytes() for p in cache.glob('jit__train_step-*-atime')}
+    compiled = train_step()
+    assert len(compiled) == 1
     resumed = run('train_jax.py', common + ['--max_iters=20', '--init_from=resume']).stdout
     assert 'Resuming training from' in resumed
     assert lines(resumed, 'step ') == lines(stdout, 'step ')[1:]
     assert loss(lines(resumed, 'iter ')) == loss(lines(stdout, 'iter ')[10:])
+    loaded = train_step()
+    assert loaded.keys() == compiled.keys() and loaded != compiled  # no new entry; its last use is now
 
 
 def test_eval_only_and_checkpoint_safety(one_go, data_root):

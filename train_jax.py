@@ -74,6 +74,7 @@ cpu_devices = 0  # on CPU, the JAX devices the cores become: 0 one per core (as 
 fsdp = False  # shard params and optimizer state over the devices, for models too big for one device
 fsdp_min_size = 2 ** 16  # with fsdp, arrays with fewer elements stay replicated on every device
 peak_flops = 0.0  # peak FLOP/s of one device, for MFU; 0.0 looks the device up
+compilation_cache = '~/.cache/nanogpt_jax'  # compiled programs kept for the next run of the same shapes; '' turns it off
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 config = {k: globals()[k] for k in config_keys(globals())}  # will be useful for logging
@@ -98,6 +99,7 @@ from jax_transformer import (GPTConfig, init_params, param_shapes, count_params,
                              from_pretrained)
 
 tu.configure_devices(device, cpu_devices, [(gradient_accumulation_steps, batch_size), (eval_iters, batch_size)])
+tu.use_compilation_cache(compilation_cache)
 tu.init_distributed()
 master_process = jax.process_index() == 0  # this process does logging, checkpointing etc.
 try:
