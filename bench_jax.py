@@ -32,7 +32,7 @@ dropout = 0.0
 bias = False
 remat = False  # recompute each block's activations in the backward pass
 gradient_accumulation_steps = 1  # micro-steps per iteration, shared by the devices as in train_jax.py
-real_data = True  # random windows of data_root/dataset/train.bin; False: random tokens
+real_data = True  # random windows of data_root/dataset/train.bin when it is prepared; False: random tokens
 dataset = 'openwebtext'
 data_root = 'data'
 seed = 1337
@@ -69,8 +69,12 @@ except ValueError as e:
     die(str(e))
 ga = gradient_accumulation_steps
 data_dir = os.path.join(data_root, dataset)
+# real text repeats tokens, which random tokens hide (the embedding gradient's cost on a GPU): say which it is
 if real_data and not os.path.exists(os.path.join(data_dir, 'train.bin')):
-    die(f"{data_dir}/train.bin not found: prepare the dataset, or pass --real_data=False")
+    print(f"data: random tokens, as {data_dir}/train.bin is not prepared (python data/{dataset}/prepare.py)")
+    real_data = False
+else:
+    print(f"data: {f'real text, {data_dir}/train.bin' if real_data else 'random tokens (--real_data=False)'}")
 if vocab_size == 0:
     meta_path = os.path.join(data_dir, 'meta.pkl')
     vocab_size = 50304

@@ -14,6 +14,7 @@ def test_bench_times_the_train_step_and_names_the_ops_of_its_profile(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(REPO, 'bench_jax.py')] + args, cwd=REPO, text=True,
                          capture_output=True, env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2'))
     assert out.returncode == 0, out.stderr[-3000:]
+    assert 'data: random tokens (--real_data=False)' in out.stdout
     assert re.search(r'^jax: [\d.]+ ms/iter, [\d,]+ tokens/s, mfu [\d.]+%$', out.stdout, re.M), out.stdout
     busy, matmul = map(float, re.search(r'device 0 busy ([\d.]+) ms per step, of which matrix products ([\d.]+) ms',
                                         out.stdout).groups())
