@@ -1,4 +1,5 @@
-"""Tests of the command lines: configurator.py, train_jax.py, sample_jax.py and plot_jax.py, end to end."""
+"""Tests of the command lines: configurator.py, train_jax.py, sample_jax.py and plot_jax.py end to
+end, and torch_vs_jax_examples.py."""
 import csv
 import os
 import re
@@ -206,4 +207,20 @@ def test_same_losses_on_any_topology_and_resume_across_it(data_root, tmp_path):
     on_1 = run('sample_jax.py', sample + ['--cpu_devices=1']).stdout
     assert on_4 == on_1.replace('Overriding: cpu_devices = 1\n', '')
     assert on_4.count('---------------') == 4
+
+
+# -----------------------------------------------------------------------------
+# the other scripts
+
+def test_torch_and_jax_examples_agree():
+    out = run('torch_vs_jax_examples.py', [])
+    pairs = out.stdout.splitlines()
+    assert len(pairs) == 11 and all(': ok, ' in line for line in pairs), out.stdout
+    assert pairs[-1].startswith('topk + multinomial -> jax.random.categorical: ok, both draw exactly the top 10')
+    # a pair that disagrees says so on its line and fails the script
+    broken = subprocess.run([sys.executable, '-c', "import numpy as np, torch_vs_jax_examples as ex; "
+                             "ex.main([('broken', lambda: ex.close(np.zeros(2), np.ones(2))), ex.PAIRS[0]])"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert broken.returncode == 1 and broken.stdout.startswith('broken: MISMATCH: Not equal to tolerance')
+    assert broken.stdout.splitlines()[1].startswith('nn.Linear -> nn.Dense (kernel = weight.T): ok')
 
