@@ -1,5 +1,5 @@
 """Tests of the command lines: configurator.py, train_jax.py, sample_jax.py and plot_jax.py end to
-end, and torch_vs_jax_examples.py."""
+end, torch_vs_jax_examples.py, and test_jax_transformer.py run as a script."""
 import csv
 import os
 import re
@@ -224,3 +224,9 @@ def test_torch_and_jax_examples_agree():
     assert broken.returncode == 1 and broken.stdout.startswith('broken: MISMATCH: Not equal to tolerance')
     assert broken.stdout.splitlines()[1].startswith('nn.Linear -> nn.Dense (kernel = weight.T): ok')
 
+
+def test_the_model_tests_run_as_a_script():
+    """python test_jax_transformer.py runs its tests and prints pytest's summary (one of them here:
+    the whole file runs in the suite)."""
+    out = run('test_jax_transformer.py', ['-k', 'test_bias_false_has_no_biases'])
+    assert re.search(r'=+ 1 passed, \d+ deselected in [\d.]+s', out.stdout), out.stdout[-2000:]
