@@ -5,6 +5,7 @@ learning rate schedule, the jitted train and eval steps, and checkpoints.
 
 import collections
 import concurrent.futures
+import csv
 import functools
 import importlib.util
 import itertools
@@ -160,12 +161,14 @@ def prefetch(make_batch, first):
 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
     """nanoGPT's schedule: linear warmup, cosine decay down to min_lr, then min_lr.
-    Works on Python numbers and on traced step counts."""
+    Works on jax arrays (the optimizer's traced step count) and, with NumPy on the host, on
+    Python numbers, so that logging the rate costs no device work."""
+    xp = jnp if isinstance(it, jax.Array) else np
     warmup = learning_rate * (it + 1) / (warmup_iters + 1)
     decay_ratio = (it - warmup_iters) / max(lr_decay_iters - warmup_iters, 1)
-    coeff = 0.5 * (1.0 + jnp.cos(math.pi * jnp.clip(decay_ratio, 0.0, 1.0)))
+    coeff = 0.5 * (1.0 + xp.cos(math.pi * xp.clip(decay_ratio, 0.0, 1.0)))
     cosine = min_lr + coeff * (learning_rate - min_lr)
-    return jnp.where(it < warmup_iters, warmup, jnp.where(it > lr_decay_iters, min_lr, cosine))
+    return xp.where(it < warmup_iters, warmup, xp.where(it > lr_decay_iters, min_lr, cosine))
 
 
 def decay_mask(params):
@@ -424,6 +427,38 @@ def restore_train_state(manager, abstract_state, iter_num, sharding):
     step = jax.device_put(jnp.asarray(iter_num, jnp.int32), sharding.step)  # placed as the step returns it
     return abstract_state.replace(step=step, params=restored['params'],
                                   opt_state=restored['opt_state'])
+
+
+# -----------------------------------------------------------------------------
+# loss curves: out_dir/metrics.csv, drawn by plot_jax.py
+
+# one row per log line (loss: the iteration's mean training loss) and per evaluation (train_loss and
+# val_loss over eval_iters batches); a column a row has no value for is left empty
+METRICS_COLUMNS = ['iter', 'loss', 'train_loss', 'val_loss', 'lr', 'time_ms', 'mfu_percent']
+
+
+def metrics_writer(out_dir, keep_before):
+    """A function that appends one row to out_dir/metrics.csv, write(iter=..., loss=..., ...), numbers
+    to 6 digits and None as an empty cell, and flushes it, so that a killed run keeps its rows. The file's rows at iterations before
+    keep_before are kept and the later ones dropped: a run resumed at iteration keep_before writes
+    those again, so its file ends as if the run had never stopped (0: a new file)."""
+    path = os.path.join(out_dir, 'metrics.csv')
+    rows = []
+    if keep_before > 0 and os.path.exists(path):
+        with open(path, newline='') as f:
+            rows = [row for row in csv.DictReader(f) if int(row['iter']) < keep_before]
+    with open(path + '.tmp', 'w', newline='') as f:  # replaced in one go: a kill cannot truncate it
+        writer = csv.DictWriter(f, METRICS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + '.tmp', path)
+    f = open(path, 'a', newline='')
+    writer = csv.DictWriter(f, METRICS_COLUMNS)
+
+    def write(**row):
+        writer.writerow({k: f'{v:.6g}' if isinstance(v, float) else v for k, v in row.items()})
+        f.flush()
+    return write
 
 
 # -----------------------------------------------------------------------------

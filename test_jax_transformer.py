@@ -1,5 +1,8 @@
-"""Tests of jax_transformer.py: the model against Hugging Face's GPT-2, init, surgery, sampling."""
+"""Tests of jax_transformer.py: the model against Hugging Face's GPT-2, init, surgery, sampling.
+$ python test_jax_transformer.py   # these tests alone; python -m pytest runs them all
+"""
 import math
+import sys
 from functools import partial
 
 import numpy as np
@@ -217,3 +220,8 @@ def test_top_p_keeps_the_fewest_tokens_adding_up_to_p():
         want = np.zeros(4)
         want[kept] = np.exp(np.asarray(logits[0, 0]))[kept] / np.exp(np.asarray(logits[0, 0]))[kept].sum()
         np.testing.assert_allclose(freq, want, atol=0.03, err_msg=f"top_p {top_p}")
+
+
+if __name__ == '__main__':
+    # pytest warns that it cannot rewrite the asserts of plugins this file's imports loaded first: harmless
+    sys.exit(pytest.main([__file__, '-W', 'ignore::pytest.PytestAssertRewriteWarning'] + sys.argv[1:]))

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from test_train import REPO, SMALL_ARGS, lines
+from test_train import REPO, SMALL_ARGS, lines, metrics
 
 # the tiny model of test_train.py, dropout and 2 micro-steps included, on a tiny dataset, checkpoints at 4, 8, 12
 ARGS = SMALL_ARGS + ['--device=cpu', '--dataset=tiny', '--log_interval=1', '--eval_interval=4', '--max_iters=12']
@@ -75,7 +75,7 @@ def reference(data_root, env, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp('reference')
     code, stdout, stderr = run('train_jax.py', ARGS + [f'--data_root={data_root}', f'--out_dir={out_dir}'], env)
     assert code == 0, stderr[-3000:]
-    assert sorted(os.listdir(out_dir)) == ['12']
+    assert sorted(os.listdir(out_dir)) == ['12', 'metrics.csv']
     return out_dir, stdout
 
 
@@ -209,12 +209,13 @@ def test_sigterm_saves_and_the_resumed_run_prints_the_same_losses(reference, dat
             p.send_signal(signal.SIGTERM)
     assert p.wait() == 128 + signal.SIGTERM, p.stderr.read()[-3000:]
     stopped_at = int(re.search(r'^SIGTERM received: stopping at iter (\d+)\nsaving checkpoint', stdout, re.M)[1])
-    assert 3 <= stopped_at < 12 and os.listdir(tmp_path) == [str(stopped_at)]
+    assert 3 <= stopped_at < 12 and sorted(os.listdir(tmp_path)) == [str(stopped_at), 'metrics.csv']
     code, resumed, stderr = run('train_jax.py', args + ['--init_from=resume'], env)
     assert code == 0, stderr[-3000:]
     iters, steps = losses(stdout)
     more_iters, more_steps = losses(resumed)
     assert len(iters) == stopped_at and (iters + more_iters, steps + more_steps) == losses(uninterrupted)
+    assert metrics(tmp_path) == metrics(reference[0])
 
 
 def test_kill_9_while_saving_then_resume_and_interrupt(reference, data_root, env, tmp_path):
@@ -244,7 +245,7 @@ def test_kill_9_while_saving_then_resume_and_interrupt(reference, data_root, env
     assert p.wait() == 128 + signal.SIGINT, p.stderr.read()[-3000:]
     stopped_at = int(re.search(r'^SIGINT received: stopping at iter (\d+)$', stdout, re.M)[1])
     assert losses(stdout)[0] == iters[saved:stopped_at]
-    assert os.listdir(tmp_path) == [str(stopped_at)]  # the unfinished folder was cleaned up too
+    assert sorted(os.listdir(tmp_path)) == [str(stopped_at), 'metrics.csv']  # the unfinished folder was cleaned up too
 
 
 def test_nan_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(reference, data_root, env, tmp_path):
@@ -254,7 +255,7 @@ def test_nan_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(refer
     checkpoint is untouched."""
     out_dir = tmp_path / 'out'
     shutil.copytree(reference[0], out_dir)
-    before = file_hashes(out_dir)
+    before = file_hashes(out_dir / '12')
     args = ARGS + [f'--data_root={data_root}', f'--out_dir={out_dir}', '--learning_rate=1e6', '--max_iters=30']
     kept = f"training diverged; the last checkpoint in '{out_dir}' (iter 12) is kept: resume it with a lower " \
            f"--learning_rate\n"
@@ -264,7 +265,7 @@ def test_nan_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(refer
     code, stdout, stderr = run('train_jax.py', args + ['--overwrite_checkpoint=True'], env)
     assert (code, stderr) == (1, f"error: iter 2: loss is nan: {kept}")
     assert lines(stdout, 'iter ')[-1].startswith('iter 2: loss nan,')
-    assert file_hashes(out_dir) == before
+    assert file_hashes(out_dir / '12') == before
 
 
 def test_overwrite_replaces_the_checkpoint_when_the_new_run_saves(reference, data_root, env, tmp_path):
@@ -276,7 +277,7 @@ def test_overwrite_replaces_the_checkpoint_when_the_new_run_saves(reference, dat
     assert code == 0, stderr[-3000:]
     iters, steps = losses(reference[1])
     assert losses(stdout) == (iters[:5], steps[:2])
-    assert os.listdir(tmp_path) == ['4']
+    assert sorted(os.listdir(tmp_path)) == ['4', 'metrics.csv']
 
 
 def test_a_save_replaces_the_checkpoint_of_another_run_at_any_iteration(tmp_path):

@@ -1,4 +1,6 @@
-"""Tests of the command lines: configurator.py, train_jax.py and sample_jax.py, end to end."""
+"""Tests of the command lines: configurator.py, train_jax.py, sample_jax.py and plot_jax.py end to
+end, torch_vs_jax_examples.py, and test_jax_transformer.py run as a script."""
+import csv
 import os
 import re
 import shutil
@@ -35,6 +37,12 @@ def run(script, args, check=True, **env):
 
 def lines(stdout, prefix):
     return [l for l in stdout.splitlines() if l.startswith(prefix)]
+
+
+def metrics(out_dir, columns=('iter', 'loss', 'train_loss', 'val_loss', 'lr')):
+    """The rows of out_dir/metrics.csv, in the given columns: by default those that do not depend on timing."""
+    with open(os.path.join(out_dir, 'metrics.csv'), newline='') as f:
+        return [[row[c] for c in columns] for row in csv.DictReader(f)]
 
 
 # -----------------------------------------------------------------------------
@@ -89,6 +97,17 @@ def test_training_prepares_data_learns_and_logs_like_nanogpt(one_go, data_root):
     iters = lines(stdout, 'iter ')
     assert len(iters) == 21 and re.fullmatch(r'iter 7: loss \d\.\d{4}, time \d+\.\d\dms, mfu -?\d+\.\d\d%', iters[7])
     assert stdout.count('saving checkpoint') == 2  # at iter 10 and 20, never at 0
+    # metrics.csv holds every evaluation and log line, with the learning rate, time and MFU
+    rows = metrics(out_dir, ('iter', 'loss', 'train_loss', 'val_loss', 'lr', 'time_ms', 'mfu_percent'))
+    evals = [(int(r[0]), float(r[2]), float(r[3])) for r in rows if r[3]]
+    logged = [(int(r[0]), float(r[1]), float(r[5]), r[6]) for r in rows if r[1]]
+    assert [i for i, *_ in evals] == [0, 10, 20] and [i for i, *_ in logged] == list(range(21))
+    np.testing.assert_allclose([(t, v) for _, t, v in evals], [numbers(stdout, 'step ')[i] for i in (0, 10, 20)],
+                               atol=5e-5)
+    np.testing.assert_allclose([loss for _, loss, *_ in logged], [numbers(stdout, 'iter ')[i][0] for i in range(21)],
+                               atol=5e-5)
+    assert all(ms > 0 for *_, ms, _ in logged) and [mfu != '' for *_, mfu in logged] == [i >= 5 for i in range(21)]
+    assert float(rows[0][4]) == pytest.approx(1e-3 / 6, rel=1e-5)  # iter 0 of a 5-iteration warmup to 1e-3
 
 
 def test_resume_continues_exactly(one_go, data_root, tmp_path):
@@ -101,6 +120,7 @@ def test_resume_continues_exactly(one_go, data_root, tmp_path):
     loss = lambda ls: [l.split(', time')[0] for l in ls]
     first = run('train_jax.py', common + ['--max_iters=10']).stdout
     assert loss(lines(first, 'iter ')) == loss(lines(stdout, 'iter ')[:11])
+    assert [r[0] for r in metrics(tmp_path / 'out')[-2:]] == ['10', '10']  # evaluated and logged past the checkpoint...
     train_step = lambda: {p.name: p.read_bytes() for p in cache.glob('jit__train_step-*-atime')}
     compiled = train_step()
     assert len(compiled) == 1
@@ -108,6 +128,7 @@ def test_resume_continues_exactly(one_go, data_root, tmp_path):
     assert 'Resuming training from' in resumed
     assert lines(resumed, 'step ') == lines(stdout, 'step ')[1:]
     assert loss(lines(resumed, 'iter ')) == loss(lines(stdout, 'iter ')[10:])
+    assert metrics(tmp_path / 'out') == metrics(one_go[0])  # ...rows that the resumed run replaced
     loaded = train_step()
     assert loaded.keys() == compiled.keys() and loaded != compiled  # no new entry; its last use is now
 
@@ -133,6 +154,21 @@ def test_sample_from_the_checkpoint(one_go):
     assert len(samples) == 4 and samples[3] == ''
     for text in samples[:3]:
         assert text.startswith('ROMEO:') and len(text) == len('ROMEO:') + 40
+
+
+def test_plot_draws_the_loss_curves(one_go, tmp_path):
+    out_dir, _ = one_go
+    shutil.copy(os.path.join(out_dir, 'metrics.csv'), tmp_path)
+    out = run('plot_jax.py', [f'--out_dir={tmp_path}', f'--out_dir={out_dir}'])  # two runs in tmp_path/loss.png
+    assert out.stdout == f"wrote {tmp_path / 'loss.png'}\n" and not os.path.exists(os.path.join(out_dir, 'loss.png'))
+    png = (tmp_path / 'loss.png').read_bytes()
+    assert png[:8] == b'\x89PNG\r\n\x1a\n' and png[16:24] == (800).to_bytes(4, 'big') + (550).to_bytes(4, 'big')
+    no_matplotlib = subprocess.run([sys.executable, '-c', "import runpy, sys; sys.modules['matplotlib'] = None; "
+                                    f"sys.argv = ['plot_jax.py', '--out_dir={out_dir}']; "
+                                    "runpy.run_path('plot_jax.py', run_name='__main__')"],
+                                   cwd=REPO, capture_output=True, text=True)
+    assert no_matplotlib.returncode == 1
+    assert no_matplotlib.stderr == "error: plot_jax.py needs matplotlib: pip install matplotlib\n"
 
 
 def numbers(stdout, prefix):
@@ -179,3 +215,26 @@ def test_same_losses_on_any_topology_and_resume_across_it(data_root, tmp_path):
     on_1 = run('sample_jax.py', sample + ['--cpu_devices=1']).stdout
     assert on_4 == on_1.replace('Overriding: cpu_devices = 1\n', '')
     assert on_4.count('---------------') == 4
+
+
+# -----------------------------------------------------------------------------
+# the other scripts
+
+def test_torch_and_jax_examples_agree():
+    out = run('torch_vs_jax_examples.py', [])
+    pairs = out.stdout.splitlines()
+    assert len(pairs) == 11 and all(': ok, ' in line for line in pairs), out.stdout
+    assert pairs[-1].startswith('topk + multinomial -> jax.random.categorical: ok, both draw exactly the top 10')
+    # a pair that disagrees says so on its line and fails the script
+    broken = subprocess.run([sys.executable, '-c', "import numpy as np, torch_vs_jax_examples as ex; "
+                             "ex.main([('broken', lambda: ex.close(np.zeros(2), np.ones(2))), ex.PAIRS[0]])"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert broken.returncode == 1 and broken.stdout.startswith('broken: MISMATCH: Not equal to tolerance')
+    assert broken.stdout.splitlines()[1].startswith('nn.Linear -> nn.Dense (kernel = weight.T): ok')
+
+
+def test_the_model_tests_run_as_a_script():
+    """python test_jax_transformer.py runs its tests and prints pytest's summary (one of them here:
+    the whole file runs in the suite)."""
+    out = run('test_jax_transformer.py', ['-k', 'test_bias_false_has_no_biases'])
+    assert re.search(r'=+ 1 passed, \d+ deselected in [\d.]+s', out.stdout), out.stdout[-2000:]

@@ -268,6 +268,7 @@ def diverged(what):
 
 
 def get_lr(it):
+    """The learning rate of iteration it, as the optimizer schedules it."""
     return float(tu.get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr)) if decay_lr else learning_rate
 
 
@@ -275,6 +276,11 @@ def get_lr(it):
 if wandb_log and master_process:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+# every log line and evaluation also goes to out_dir/metrics.csv, for plot_jax.py; a resumed run
+# continues the file from its checkpoint's iteration, an eval_only run leaves it alone
+write_metrics = lambda **row: None
+if master_process and not eval_only:
+    write_metrics = tu.metrics_writer(out_dir, keep_before=iter_num if init_from == 'resume' else 0)
 
 # training loop
 # the training batches are read and moved to the devices on a background thread, two ahead
@@ -291,6 +297,7 @@ while True:
         losses = estimate_loss()
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            write_metrics(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=get_lr(iter_num))
         if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
             diverged(f"eval loss is {losses['train']} (train), {losses['val']} (val)")
         if wandb_log and master_process:
@@ -323,6 +330,8 @@ while True:
             mfu = estimate_mfu(model_config, n_params, fwdbwd_per_iter, dt, peak_flops * len(devices))
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {running_mfu * 100:.2f}%")
+        write_metrics(iter=iter_num, loss=lossf, lr=get_lr(iter_num), time_ms=dt * 1000,
+                      mfu_percent=running_mfu * 100 if running_mfu >= 0 else None)
     # a diverged run stops before it can save; every process looks, so that all of them stop
     if iter_num % log_interval == 0 and not math.isfinite(lossf):
         diverged(f"loss is {lossf}")
