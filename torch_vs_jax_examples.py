@@ -21,7 +21,7 @@ import flax.linen as nn
 import optax
 
 import jax_train_utils as tu
-from jax_transformer import GPTConfig, CausalSelfAttention, dense, layer_norm, cross_entropy, sample_token
+from jax_transformer import GPTConfig, CausalSelfAttention, Dropout, dense, layer_norm, cross_entropy, sample_token
 
 # compare on the CPU, where torch runs here: a GPU may do float32 products in TF32
 jax.config.update('jax_platforms', 'cpu')
@@ -239,10 +239,10 @@ def warmup_cosine_schedule():
 # randomness and the training step
 
 def dropout_with_keys():
-    """nn.Dropout draws its mask from torch's global generator (torch.manual_seed); Flax's
-    nn.Dropout draws it from the 'dropout' key passed to apply, and train_jax.py derives one key per
-    iteration and micro-step with jax.random.fold_in, so a resumed run gets the same masks. The
-    masks of two generators differ; what must agree is what dropout computes: zeros, the kept
+    """nn.Dropout draws its mask from torch's global generator (torch.manual_seed); the model's
+    Dropout (flax's nn.Dropout on cheaper random bits) draws it from the 'dropout' key passed to
+    apply, and train_jax.py derives one key per iteration and micro-step with jax.random.fold_in,
+    so a resumed run gets the same masks. The masks of two generators differ; what must agree is what dropout computes: zeros, the kept
     values scaled by 1/(1-p), a fraction 1-p kept, and nothing at all in eval mode."""
     p = 0.2
     x = torch.rand(200_000) + 1  # no zeros of its own
@@ -251,8 +251,7 @@ def dropout_with_keys():
     y = drop.train()(x)
     y_eval = drop.eval()(x)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(1337), 10), 0)  # iteration 10, micro-step 0
-    apply = lambda key, deterministic: nn.Dropout(p).apply({}, t2j(x), deterministic=deterministic,
-                                                           rngs={'dropout': key})
+    apply = lambda key, deterministic: Dropout(p).apply({}, t2j(x), deterministic, rngs={'dropout': key})
     y_jax = apply(key, False)
     fractions = []
     for out, kept in ((y.numpy(), y.numpy() != 0), (np.asarray(y_jax), np.asarray(y_jax) != 0)):
