@@ -242,8 +242,9 @@ def dropout_with_keys():
     """nn.Dropout draws its mask from torch's global generator (torch.manual_seed); the model's
     Dropout (flax's nn.Dropout on cheaper random bits) draws it from the 'dropout' key passed to
     apply, and train_jax.py derives one key per iteration and micro-step with jax.random.fold_in,
-    so a resumed run gets the same masks. The masks of two generators differ; what must agree is what dropout computes: zeros, the kept
-    values scaled by 1/(1-p), a fraction 1-p kept, and nothing at all in eval mode."""
+    so a resumed run gets the same masks. The masks of two generators differ; what must agree is
+    what dropout computes: zeros, the kept values scaled by 1/(1-p), a fraction 1-p kept, and
+    nothing at all in eval mode."""
     p = 0.2
     x = torch.rand(200_000) + 1  # no zeros of its own
     torch.manual_seed(0)
