@@ -5,14 +5,19 @@ learning rate schedule, the jitted train and eval steps, and checkpoints.
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import importlib.util
 import itertools
 import logging
 import math
 import os
+import re
+import shutil
 import signal
 import sys
+import threading
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -341,38 +346,84 @@ def checkpoint_manager(out_dir, read_only=False):
     return ocp.CheckpointManager(os.path.abspath(out_dir), options=options)
 
 
+def error_reason(e):
+    """What went wrong, in a few words: the system's message for an OSError, also where tensorstore
+    reports one inside its own message (os_error_code), else the first sentence of e's message."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code:
+        return os.strerror(int(code[1]))
+    return (str(e).strip().splitlines() or [''])[0].split('. ')[0][:200].rstrip(':.')
+
+
+@contextlib.contextmanager
+def quiet_unless_failed():
+    """Silence orbax while the block runs: when a read or write fails, each of its threads still in
+    flight prints a traceback, through absl's logger, threading.excepthook, the asyncio logger and,
+    as orbax's event loops close, sys.excepthook and at exit sys.unraisablehook. They sound again
+    only when the block succeeds: after a failure the program ends with its own one-line error."""
+    hooks = sys.excepthook, sys.unraisablehook, threading.excepthook
+    sys.excepthook = sys.unraisablehook = threading.excepthook = lambda *args: None
+    loggers = [logging.getLogger(name) for name in ('absl', 'asyncio')]
+    for logger in loggers:
+        logger.disabled = True
+    yield
+    sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
+    for logger in loggers:
+        logger.disabled = False
+
+
 def save_checkpoint(manager, state, meta):
     """Save params, optimizer state and the JSON metadata (model_args, iter_num, best_val_loss,
-    config) as separate items, so sampling can read the params alone. A run replacing the
-    checkpoint another run left in out_dir may save at a lower or the same iter_num: force saves
-    below the latest step, and orbax deletes the old checkpoint once the new one is complete; one
-    at the very same iter_num must be deleted first, as orbax never writes over a step."""
-    if meta['iter_num'] in manager.all_steps():
-        manager.delete(meta['iter_num'])
-    manager.save(meta['iter_num'], force=True, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
-        meta=ocp.args.JsonSave(meta)))
+    config) as separate items, so sampling can read the params alone, and wait until the write is
+    complete. A run replacing the checkpoint another run left in out_dir may save at a lower or the
+    same iter_num: force saves below the latest step, and orbax deletes the old checkpoint once the
+    new one is complete; one at the very same iter_num must be deleted first, as orbax never writes
+    over a step.
+    OSError with the reason in a few words when the write fails (a full disk, lost permissions, an
+    I/O error): the unfinished folder is removed where possible and manager.latest_step() is the
+    checkpoint out_dir still holds. With several processes, a write that fails on one fails on all:
+    the others wait for it at orbax's barrier, which then fails too."""
+    step = meta['iter_num']
+    if step in manager.all_steps():
+        manager.delete(step)
+    try:
+        with quiet_unless_failed():
+            manager.save(step, force=True, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
+                meta=ocp.args.JsonSave(meta)))
+            manager.wait_until_finished()  # a failure shows now, not at the next save
+    except Exception as e:  # orbax and tensorstore wrap the system's error in many kinds
+        if jax.process_index() == 0:
+            remove_unfinished(manager.directory, step)
+        manager.reload()  # orbax counted the failed step as saved
+        raise OSError(error_reason(e)) from None
+
+
+def remove_unfinished(directory, step):
+    """Remove the folder of the save of step that failed, where possible. The writes of tensorstore
+    still in flight when it failed, which nothing waits for, may create files in it for a few
+    milliseconds more: remove it until it has stayed gone for a second, for ten seconds at most."""
+    start = removed = time.time()
+    while time.time() - removed < 1 and time.time() - start < 10:
+        for unfinished in directory.glob(f'{step}.orbax-checkpoint-tmp*'):
+            shutil.rmtree(unfinished, ignore_errors=True)
+            removed = time.time()
+        time.sleep(0.01)
 
 
 def restore_latest(manager, args):
     """manager.restore of the latest checkpoint; ValueError with a one-line message when it cannot
     be read into args: written for another model or optimizer, or damaged."""
     step = manager.latest_step()
-    # when a restore fails, the reads still in flight end in orbax's closed event loop and print
-    # tracebacks through sys.excepthook, the asyncio logger and, at exit, sys.unraisablehook:
-    # all silent until the restore succeeds
-    hooks = sys.excepthook, sys.unraisablehook
-    sys.excepthook = sys.unraisablehook = lambda *args: None
-    logging.getLogger('asyncio').disabled = True
     try:
-        restored = manager.restore(step, args=args)
+        with quiet_unless_failed():
+            restored = manager.restore(step, args=args)
     except Exception as e:  # orbax and tensorstore raise many kinds; the caller ends the program
-        reason = (str(e).strip().splitlines() or [''])[0].split('. ')[0][:200].rstrip(':.')
         raise ValueError(f"cannot restore the checkpoint {manager.directory}/{step} ({type(e).__name__}: "
-                         f"{reason}): it was written for another model or optimizer, or is damaged; "
+                         f"{error_reason(e)}): it was written for another model or optimizer, or is damaged; "
                          f"start again in another --out_dir") from None
-    sys.excepthook, sys.unraisablehook = hooks
-    logging.getLogger('asyncio').disabled = False
     return restored
 
 

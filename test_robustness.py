@@ -1,6 +1,6 @@
 """Robustness, tested as a user meets it: every bad input stops with a one-line error before any
-work starts; SIGTERM, ^C, kill -9 and a diverging loss lose no work; the same config and seed
-print the same losses."""
+work starts; SIGTERM, ^C, kill -9, a diverging loss and a full disk lose no work; the same config
+and seed print the same losses."""
 import hashlib
 import json
 import os
@@ -290,3 +290,46 @@ def test_a_save_replaces_the_checkpoint_of_another_run_at_any_iteration(tmp_path
         manager.wait_until_finished()
         assert os.listdir(tmp_path) == [str(iter_num)]
         assert tu.restore_meta(tu.checkpoint_manager(tmp_path)) == {'iter_num': iter_num, 'run': run_name}
+
+
+# -----------------------------------------------------------------------------
+# faults during a run: a full disk
+
+def test_a_full_disk_stops_the_run_at_that_save_and_loses_nothing(reference, data_root, env, tmp_path):
+    """out_dir on a tmpfs with room for one checkpoint: resumed at iter 12, the run stops at its save
+    at iter 16 with one line and exit code 1, its unfinished folder removed and checkpoint 12 byte
+    for byte unchanged. Copied where there is room, out_dir resumes and evaluates iter 16 as the
+    failed run did."""
+    checkpoint = sum(-(-os.path.getsize(os.path.join(d, f)) // 4096) * 4 for d, _, fs in os.walk(reference[0])
+                     for f in fs)  # KiB, in tmpfs pages
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={checkpoint * 3 // 2}k', 'tmpfs', str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs as a full disk: {mounted.stderr.strip()}")
+    try:
+        out_dir = disk / 'out'
+        shutil.copytree(reference[0], out_dir)
+        args = ARGS + [f'--data_root={data_root}', '--init_from=resume', '--max_iters=16']
+        code, stdout, stderr = run('train_jax.py', args + [f'--out_dir={out_dir}'], env)
+        assert (code, stderr) == (1, f"error: saving the checkpoint to '{out_dir}' failed: No space left on device; "
+                                     f"the last complete checkpoint (iter 12) is kept: fix that and resume with "
+                                     f"--init_from=resume\n")
+        assert lines(stdout, 'saving')[-1] == f'saving checkpoint to {out_dir}'
+        assert os.listdir(out_dir) == ['12'] and file_hashes(out_dir) == file_hashes(reference[0])
+        roomy = tmp_path / 'roomy'
+        shutil.copytree(out_dir, roomy)
+    finally:
+        subprocess.run(['umount', str(disk)], check=True)
+    code, resumed, stderr = run('train_jax.py', args + [f'--out_dir={roomy}'], env)
+    assert code == 0, stderr[-3000:]
+    assert lines(resumed, 'step ') == lines(stdout, 'step ') and os.listdir(roomy) == ['16']
+
+
+def test_a_failed_write_is_named_by_the_system_error():
+    """What a failed save says, whether Python or tensorstore reports the system's error."""
+    import jax_train_utils as tu
+    assert tu.error_reason(PermissionError(13, 'Permission denied', '/out/16')) == 'Permission denied'
+    assert tu.error_reason(ValueError('DATA_LOSS: Error writing "h_0/0" in OCDBT database at local file "/out/": '
+                                      'Failed writing: [os_error_code=5]')) == 'Input/output error'

@@ -252,13 +252,18 @@ def save_checkpoint():
         diverged("the parameters are not finite")
     if master_process:
         print(f"saving checkpoint to {out_dir}")
-    tu.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
-                                        'best_val_loss': best_val_loss, 'config': config})
+    try:
+        tu.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
+                                            'best_val_loss': best_val_loss, 'config': config})
+    except OSError as e:
+        last = manager.latest_step()
+        die(f"saving the checkpoint to {out_dir!r} failed: {e}; " +
+            (f"the last complete checkpoint (iter {last}) is kept: fix that and resume with --init_from=resume"
+             if last is not None else "no complete checkpoint is left"), code=1)
 
 
 def diverged(what):
     """Stop every process of a run whose loss went NaN or infinite, exit code 1."""
-    manager.wait_until_finished()  # a save in progress is of an earlier, good state: let it complete
     last = manager.latest_step()
     die(f"iter {iter_num}: {what}: training diverged; " +
         (f"the last checkpoint in {out_dir!r} (iter {last}) is kept: resume it with a lower --learning_rate"
@@ -337,6 +342,5 @@ while True:
         save_checkpoint()
         break
 
-manager.wait_until_finished()
 if stop:
     sys.exit(128 + stop)  # what a shell reports for a process killed by the signal
