@@ -3,18 +3,21 @@ Training pieces for train_jax.py: devices and mesh, the batch loader, the optimi
 learning rate schedule, the jitted train and eval steps, and checkpoints.
 """
 
+import atexit
 import collections
 import concurrent.futures
 import contextlib
 import functools
 import importlib.util
 import itertools
+import json
 import logging
 import math
 import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -340,8 +343,9 @@ def checkpoint_manager(out_dir, read_only=False):
     """An orbax CheckpointManager keeping the latest checkpoint of out_dir. Each save is written
     to a temporary folder and renamed when complete, and the previous one is deleted only then,
     so out_dir always holds a restorable checkpoint, even after a kill -9 during a save; the
-    temporary folder such a kill leaves is deleted when the next training run opens out_dir.
-    read_only (sampling, export) creates and deletes nothing, so it leaves a save in progress alone."""
+    temporary folder such a kill leaves is deleted when the next training run opens out_dir, which
+    it holds the lock of (see lock_out_dir). read_only (sampling, export, eval_only) creates and
+    deletes nothing, so it leaves a save in progress alone."""
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(os.path.abspath(out_dir), options=options)
 
@@ -467,6 +471,112 @@ def restore_train_state(manager, abstract_state, iter_num, sharding):
 
 
 # -----------------------------------------------------------------------------
+# one training run per out_dir
+
+LOCK_FILE = 'train.lock'  # in out_dir: the host, pid and start time of the run that trains there
+LEASE_REFRESH = 60  # seconds between two refreshes of the lock's modification time by its run
+LEASE_EXPIRY = 600  # seconds without a refresh after which a lock is stale, wherever its run was
+
+
+def read_lock(path):
+    """The lock at path as {'host', 'pid', 'started', 'age'}, age the seconds since it was last
+    refreshed; None when there is no lock, {'age'} alone while its run is still writing it."""
+    try:
+        with open(path) as f:
+            text = f.read()
+        age = time.time() - os.path.getmtime(path)
+    except FileNotFoundError:
+        return None
+    try:
+        return dict(json.loads(text), age=age)
+    except ValueError:
+        return {'age': age}
+
+
+def process_running(pid):
+    """Whether a process with this pid runs on this host, other than this one."""
+    if pid == os.getpid():  # a lock naming this process was left by another process with the same pid
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        pass
+    return True
+
+
+def lock_is_stale(holder):
+    """Whether the run of a lock (see read_lock) is gone: a dead pid on this host, or, wherever it
+    ran (out_dir on a filesystem that several hosts share), a lease no longer refreshed."""
+    if holder['age'] > LEASE_EXPIRY:
+        return True
+    return holder.get('host') == socket.gethostname() and 'pid' in holder and not process_running(holder['pid'])
+
+
+def take_lock(out_dir):
+    """Make this process the one training run of out_dir: create its lock file, or take over a stale
+    one (see lock_is_stale), and refresh the lock's lease until the lock is released, at exit or by
+    the returned function. ValueError naming the holder when another run has it."""
+    path = os.path.join(out_dir, LOCK_FILE)
+    me = {'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic, on NFS too
+            break
+        except FileExistsError:
+            holder = read_lock(path)
+        if holder is None:  # released since
+            continue
+        who = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started {holder.get('started', '?')}"
+        if not lock_is_stale(holder):
+            lease = "" if holder.get('host') == me['host'] else \
+                f"; it refreshed its lock {holder['age']:.0f} s ago, which is taken over after {LEASE_EXPIRY} s without"
+            raise ValueError(f"out_dir {out_dir!r} is in use by another run ({who}): wait for it to end or stop "
+                             f"it, or choose another --out_dir{lease}")
+        print(f"taking over the lock of {out_dir!r} from a run that is gone ({who})")
+        # two runs taking over the same stale lock in the very same instant could both remove it
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    with os.fdopen(fd, 'w') as f:
+        json.dump(me, f)
+    stop = threading.Event()
+
+    def refresh():
+        while not stop.wait(LEASE_REFRESH):
+            try:
+                os.utime(path)
+            except OSError:  # out_dir unreachable for now: the lease says so
+                pass
+
+    def release():
+        stop.set()
+        holder = read_lock(path)
+        if holder is not None and all(holder.get(k) == v for k, v in me.items()):  # not taken over since
+            os.remove(path)
+    threading.Thread(target=refresh, daemon=True).start()
+    atexit.register(release)
+    return release
+
+
+def lock_out_dir(out_dir):
+    """take_lock on process 0, which writes the checkpoints for all; ValueError on every process
+    when another run has out_dir. Take it before opening out_dir's checkpoints: orbax deletes the
+    unfinished checkpoint folders it finds there, which may be another run's save in progress."""
+    refused, release = '', None
+    if jax.process_index() == 0:
+        try:
+            release = take_lock(out_dir)
+        except ValueError as e:
+            refused = str(e)
+    if max_over_processes(int(bool(refused))) and not refused:
+        refused = f"out_dir {out_dir!r} is in use by another run: see the error of process 0"
+    if refused:
+        raise ValueError(refused)
+    return release
+
+
+# -----------------------------------------------------------------------------
 # faults: stop signals and divergence
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -487,11 +597,9 @@ def catch_stop_signals():
 def stop_signal(received, at_sync_point):
     """The number of the stop signal received, 0 when none. With several processes all must stop
     at the same iteration, so they agree (the signal any of them received) at sync points only."""
-    if jax.process_count() == 1:
-        return received[0] if received else 0
-    if not at_sync_point:
+    if jax.process_count() > 1 and not at_sync_point:
         return 0
-    return int(multihost_utils.process_allgather(np.int32(received[0] if received else 0)).max())
+    return max_over_processes(received[0] if received else 0)
 
 
 @jax.jit
@@ -516,3 +624,10 @@ def init_distributed():
     elif int(env.get('SLURM_NTASKS', 1)) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', 1)) > 1 \
             or importlib.util.find_spec('libtpu') is not None:
         jax.distributed.initialize()
+
+
+def max_over_processes(n):
+    """The largest of the numbers n that the processes give (a collective: all of them must call it)."""
+    if jax.process_count() == 1:
+        return n
+    return int(multihost_utils.process_allgather(np.int32(n)).max())

@@ -1,6 +1,7 @@
 """Robustness, tested as a user meets it: every bad input stops with a one-line error before any
-work starts; SIGTERM, ^C, kill -9, a diverging loss and a full disk lose no work; the same config
-and seed print the same losses."""
+work starts; SIGTERM, ^C, kill -9, a diverging loss, a full disk and a second run on the same out_dir
+lose no work; the same config and seed print the same losses."""
+import atexit
 import hashlib
 import json
 import os
@@ -8,6 +9,7 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -235,6 +237,8 @@ def test_kill_9_while_saving_then_resume_and_interrupt(reference, data_root, env
     names = os.listdir(tmp_path)
     saved = max(int(n) for n in names if n.isdigit())
     assert f'{saved + 1}.orbax-checkpoint-tmp' in names  # killed while writing the next one
+    killed = json.loads((tmp_path / 'train.lock').read_text())
+    assert (killed['pid'], killed['host']) == (p.pid, socket.gethostname())  # its lock is left
     p = start('train_jax.py', args + ['--init_from=resume'], env)
     stdout = ''
     for line in p.stdout:
@@ -244,7 +248,9 @@ def test_kill_9_while_saving_then_resume_and_interrupt(reference, data_root, env
     assert p.wait() == 128 + signal.SIGINT, p.stderr.read()[-3000:]
     stopped_at = int(re.search(r'^SIGINT received: stopping at iter (\d+)$', stdout, re.M)[1])
     assert losses(stdout)[0] == iters[saved:stopped_at]
-    assert os.listdir(tmp_path) == [str(stopped_at)]  # the unfinished folder was cleaned up too
+    assert f"taking over the lock of '{tmp_path}' from a run that is gone (pid {killed['pid']} on host " \
+           f"{killed['host']}, started {killed['started']})" in stdout
+    assert os.listdir(tmp_path) == [str(stopped_at)]  # the unfinished folder was cleaned up too, the lock released
 
 
 def test_nan_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(reference, data_root, env, tmp_path):
@@ -293,7 +299,7 @@ def test_a_save_replaces_the_checkpoint_of_another_run_at_any_iteration(tmp_path
 
 
 # -----------------------------------------------------------------------------
-# faults during a run: a full disk
+# faults during a run: a full disk, a second run on the same out_dir
 
 def test_a_full_disk_stops_the_run_at_that_save_and_loses_nothing(reference, data_root, env, tmp_path):
     """out_dir on a tmpfs with room for one checkpoint: resumed at iter 12, the run stops at its save
@@ -325,6 +331,64 @@ def test_a_full_disk_stops_the_run_at_that_save_and_loses_nothing(reference, dat
     code, resumed, stderr = run('train_jax.py', args + [f'--out_dir={roomy}'], env)
     assert code == 0, stderr[-3000:]
     assert lines(resumed, 'step ') == lines(stdout, 'step ') and os.listdir(roomy) == ['16']
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_and_touches_nothing(reference, data_root, env, tmp_path):
+    """While a run trains, a second resume of its out_dir stops at once with one line naming the
+    first. It changes none of the first run's files, not even the unfinished folder of a save in
+    progress; the first carries on, then stops on SIGTERM with its checkpoint."""
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    args = ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}', '--init_from=resume']
+    first = start('train_jax.py', args + ['--max_iters=100000', '--eval_interval=100000'], env)
+    for line in first.stdout:
+        if line.startswith('iter 14:'):
+            break
+    (tmp_path / '99.orbax-checkpoint-tmp').mkdir()  # what a save in progress leaves, which orbax deletes on opening
+    (tmp_path / '99.orbax-checkpoint-tmp' / 'params').write_text('being written')
+    before = file_hashes(tmp_path)
+    holder = json.loads((tmp_path / 'train.lock').read_text())
+    assert (holder['pid'], holder['host']) == (first.pid, socket.gethostname())
+    code, stdout, stderr = run('train_jax.py', args, env)
+    assert (code, stderr) == (2, f"error: out_dir '{tmp_path}' is in use by another run (pid {first.pid} on host "
+                                 f"{holder['host']}, started {holder['started']}): wait for it to end or stop it, or "
+                                 f"choose another --out_dir\n")
+    assert 'number of parameters' not in stdout and file_hashes(tmp_path) == before
+    first.send_signal(signal.SIGTERM)
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    stopped_at = int(re.search(r'^SIGTERM received: stopping at iter (\d+)$', stdout, re.M)[1])
+    assert sorted(os.listdir(tmp_path)) == [str(stopped_at), '99.orbax-checkpoint-tmp']  # the lock released
+    import jax_train_utils as tu
+    assert tu.restore_meta(tu.checkpoint_manager(tmp_path, read_only=True))['iter_num'] == stopped_at
+
+
+def test_a_lock_from_another_host_is_taken_over_once_no_longer_refreshed(tmp_path, monkeypatch):
+    """out_dir on a filesystem that several hosts share: another host's lock holds while its run
+    refreshes it, and is taken over once it has not for LEASE_EXPIRY seconds. The new holder
+    refreshes its own, and releases it."""
+    import jax_train_utils as tu
+    lock = tmp_path / 'train.lock'
+    lock.write_text(json.dumps({'host': 'other-host', 'pid': 7, 'started': '2030-01-01 00:00:00'}))
+    refreshed = time.time() - 30
+    os.utime(lock, (refreshed, refreshed))
+    with pytest.raises(ValueError) as refused:
+        tu.take_lock(str(tmp_path))
+    assert str(refused.value) == f"out_dir '{tmp_path}' is in use by another run (pid 7 on host other-host, started " \
+        f"2030-01-01 00:00:00): wait for it to end or stop it, or choose another --out_dir; it refreshed its lock " \
+        f"30 s ago, which is taken over after 600 s without"
+    refreshed = time.time() - tu.LEASE_EXPIRY - 1
+    os.utime(lock, (refreshed, refreshed))
+    monkeypatch.setattr(tu, 'LEASE_REFRESH', 0.01)
+    release = tu.take_lock(str(tmp_path))
+    atexit.unregister(release)
+    assert json.loads(lock.read_text())['pid'] == os.getpid()
+    os.utime(lock, (0, 0))
+    deadline = time.time() + 60
+    while os.path.getmtime(lock) == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    assert time.time() - os.path.getmtime(lock) < 60
+    release()
+    assert not lock.exists()
 
 
 def test_a_failed_write_is_named_by_the_system_error():

@@ -100,6 +100,11 @@ from jax_transformer import (GPTConfig, init_params, param_shapes, count_params,
 tu.configure_devices(device, cpu_devices, [(gradient_accumulation_steps, batch_size), (eval_iters, batch_size)])
 tu.init_distributed()
 master_process = jax.process_index() == 0  # this process does logging, checkpointing etc.
+if not eval_only:  # one training run per out_dir; eval_only reads the checkpoint alone, as sampling does
+    try:
+        tu.lock_out_dir(out_dir)
+    except ValueError as e:
+        die(str(e))
 try:
     dtype = tu.resolve_dtype(dtype)
     # one iteration is gradient_accumulation_steps x batch_size rows, however many devices share it
@@ -155,7 +160,7 @@ if os.path.exists(meta_path):
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                   bias=bias, vocab_size=None, dropout=dropout,
                   gelu_approximate=False)  # start with model_args from command line
-manager = tu.checkpoint_manager(out_dir)
+manager = tu.checkpoint_manager(out_dir, read_only=eval_only)
 param_sharding = lambda config: tu.state_sharding(mesh, param_shapes(config), fsdp, fsdp_min_size)
 if init_from != 'resume' and manager.latest_step() is not None and not overwrite_checkpoint:
     die(f"out_dir {out_dir!r} already holds a checkpoint (iter {manager.latest_step()}): continue it with "
