@@ -577,7 +577,7 @@ def lock_out_dir(out_dir):
 
 
 # -----------------------------------------------------------------------------
-# faults: stop signals and divergence
+# faults: stop signals, divergence, out of memory
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -606,6 +606,23 @@ def stop_signal(received, at_sync_point):
 def all_finite(tree):
     """Whether every number in the arrays of tree is finite: neither NaN nor infinite."""
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
+
+
+def out_of_memory_message(error, where, state_bytes, remat, fsdp, n_devices):
+    """The one line for XLA's out of memory error in where, 'the training step' or 'evaluation':
+    what XLA was allocating, the bytes of params and optimizer state on each device (state_bytes),
+    and what to try among what the run does not do yet (remat, which only the training step's
+    backward pass gains from, and fsdp on n_devices)."""
+    size = lambda n: f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+    allocating = re.search(r'allocat\w* (\d+) bytes', str(error))
+    what = f"allocating {size(int(allocating[1]))}" if allocating else error_reason(error)
+    tries = ["a smaller --batch_size with more --gradient_accumulation_steps (the same tokens per iteration)"]
+    if not remat and where == 'the training step':
+        tries.append("--remat=True")
+    if not fsdp and n_devices > 1:
+        tries.append("--fsdp=True")
+    return (f"out of memory in {where} ({what}, with {size(state_bytes)} of params and optimizer state per "
+            f"device): try {', or '.join(tries)}")
 
 
 # -----------------------------------------------------------------------------

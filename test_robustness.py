@@ -1,6 +1,6 @@
 """Robustness, tested as a user meets it: every bad input stops with a one-line error before any
-work starts; SIGTERM, ^C, kill -9, a diverging loss, a full disk and a second run on the same out_dir
-lose no work; the same config and seed print the same losses."""
+work starts; SIGTERM, ^C, kill -9, a diverging loss, a full disk, a second run on the same out_dir
+and running out of memory lose no work; the same config and seed print the same losses."""
 import atexit
 import hashlib
 import json
@@ -299,7 +299,7 @@ def test_a_save_replaces_the_checkpoint_of_another_run_at_any_iteration(tmp_path
 
 
 # -----------------------------------------------------------------------------
-# faults during a run: a full disk, a second run on the same out_dir
+# faults during a run: a full disk, a second run on the same out_dir, out of memory
 
 def test_a_full_disk_stops_the_run_at_that_save_and_loses_nothing(reference, data_root, env, tmp_path):
     """out_dir on a tmpfs with room for one checkpoint: resumed at iter 12, the run stops at its save
@@ -389,6 +389,42 @@ def test_a_lock_from_another_host_is_taken_over_once_no_longer_refreshed(tmp_pat
     assert time.time() - os.path.getmtime(lock) < 60
     release()
     assert not lock.exists()
+
+
+def test_out_of_memory_says_what_to_try_and_keeps_the_checkpoint(reference, data_root, env, tmp_path):
+    """A new run over a checkpoint (--overwrite_checkpoint=True) with batches of 4096 x 1024 tokens,
+    under a 16 GB limit on its address space: XLA's allocation of ~40 GB for the first evaluation
+    fails as a full device's would. One line says what to try; exit code 1; the checkpoint is as it was."""
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    before = file_hashes(tmp_path)
+    limited = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30)); " \
+              "sys.argv[0] = 'train_jax.py'; runpy.run_path('train_jax.py', run_name='__main__')"
+    args = ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}', '--overwrite_checkpoint=True',
+                   '--block_size=1024', '--batch_size=4096', '--gradient_accumulation_steps=1', '--eval_iters=1',
+                   '--cpu_devices=1']
+    out = subprocess.run([sys.executable, '-c', limited] + args, cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1 and re.fullmatch(
+        r"error: out of memory in evaluation \(allocating \d+\.\d GiB, with 0\.7 MiB of params and optimizer state "
+        r"per device\): try a smaller --batch_size with more --gradient_accumulation_steps \(the same tokens per "
+        r"iteration\)\n", out.stderr), out.stderr[-3000:]
+    assert file_hashes(tmp_path) == before
+
+
+def test_out_of_memory_message_offers_what_the_run_does_not_do_yet():
+    """The same line for a GPU's message, which names the size, and a TPU's, which does not; remat
+    helps the training step alone, fsdp needs several devices."""
+    import jax_train_utils as tu
+    gpu = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25769803776 bytes.")
+    assert tu.out_of_memory_message(gpu, 'the training step', 1_500_000_000, False, False, 8) == \
+        "out of memory in the training step (allocating 24.0 GiB, with 1.4 GiB of params and optimizer state per " \
+        "device): try a smaller --batch_size with more --gradient_accumulation_steps (the same tokens per " \
+        "iteration), or --remat=True, or --fsdp=True"
+    tpu = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.5G of 15.48G hbm.")
+    assert tu.out_of_memory_message(tpu, 'evaluation', 500 * 2**20, False, False, 1) == \
+        "out of memory in evaluation (RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm, with 500.0 MiB of " \
+        "params and optimizer state per device): try a smaller --batch_size with more " \
+        "--gradient_accumulation_steps (the same tokens per iteration)"
 
 
 def test_a_failed_write_is_named_by_the_system_error():

@@ -232,9 +232,9 @@ else:
     state = jax.jit(tu.create_train_state, static_argnums=(0, 2), out_shardings=state_sharding,
                     donate_argnums=1)(model_config, params, tx)
 train_step = tu.make_train_step(state_sharding, mesh, fsdp)
+state_bytes = tu.bytes_per_device(abstract_state, state_sharding)
 if master_process:
-    state_mib = tu.bytes_per_device(abstract_state, state_sharding) / 2**20
-    print(f"params and optimizer state: {state_mib:,.1f} MiB per device")
+    print(f"params and optimizer state: {state_bytes / 2**20:,.1f} MiB per device")
 n_params = count_params(state.params)
 print(f"number of parameters: {n_params / 1e6:.2f}M")
 if peak_flops == 0.0:
@@ -275,6 +275,13 @@ def diverged(what):
          if last is not None else "no checkpoint was written"), code=1)
 
 
+def out_of_memory(error, where):
+    """Stop with what to change when the devices ran out of memory; any other error goes on up."""
+    if 'RESOURCE_EXHAUSTED' not in str(error):
+        raise error
+    die(tu.out_of_memory_message(error, where, state_bytes, remat, fsdp, len(devices)), code=1)
+
+
 def get_lr(it):
     return float(tu.get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr)) if decay_lr else learning_rate
 
@@ -296,7 +303,10 @@ stop = 0
 while True:
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0:
-        losses = estimate_loss()
+        try:
+            losses = estimate_loss()
+        except jax.errors.JaxRuntimeError as e:
+            out_of_memory(e, 'evaluation')
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
@@ -313,10 +323,13 @@ while True:
         break
 
     # one jitted step runs all the micro-steps, the gradient accumulation and the update
-    x, y = next(train_batches)
-    state, loss = train_step(state, x, y, dropout_key)
-    if one_step_in_flight:
-        jax.block_until_ready(loss)
+    try:
+        x, y = next(train_batches)
+        state, loss = train_step(state, x, y, dropout_key)
+        if one_step_in_flight or local_iter_num == 0:  # a step too big for memory fails by the end of the first
+            jax.block_until_ready(loss)
+    except jax.errors.JaxRuntimeError as e:
+        out_of_memory(e, 'the training step')
     iters_timed += 1
 
     # timing and logging
