@@ -388,7 +388,7 @@ def save_checkpoint(manager, state, meta):
     OSError with the reason in a few words when the write fails (a full disk, lost permissions, an
     I/O error): the unfinished folder is removed where possible and manager.latest_step() is the
     checkpoint out_dir still holds. With several processes, a write that fails on one fails on all:
-    the others wait for it at orbax's barrier, which then fails too."""
+    the others wait for it at orbax's barrier, which fails too (at orbax's timeout at the latest)."""
     step = meta['iter_num']
     if step in manager.all_steps():
         manager.delete(step)
