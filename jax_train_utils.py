@@ -3,17 +3,25 @@ Training pieces for train_jax.py: devices and mesh, the batch loader, the optimi
 learning rate schedule, the jitted train and eval steps, and checkpoints.
 """
 
+import atexit
 import collections
 import concurrent.futures
+import contextlib
 import csv
 import functools
 import importlib.util
 import itertools
+import json
 import logging
 import math
 import os
+import re
+import shutil
 import signal
+import socket
 import sys
+import threading
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -349,44 +357,91 @@ def checkpoint_manager(out_dir, read_only=False):
     """An orbax CheckpointManager keeping the latest checkpoint of out_dir. Each save is written
     to a temporary folder and renamed when complete, and the previous one is deleted only then,
     so out_dir always holds a restorable checkpoint, even after a kill -9 during a save; the
-    temporary folder such a kill leaves is deleted when the next training run opens out_dir.
-    read_only (sampling, export) creates and deletes nothing, so it leaves a save in progress alone."""
+    temporary folder such a kill leaves is deleted when the next training run opens out_dir, which
+    it holds the lock of (see lock_out_dir). read_only (sampling, export, eval_only) creates and
+    deletes nothing, so it leaves a save in progress alone."""
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(os.path.abspath(out_dir), options=options)
 
 
+def error_reason(e):
+    """What went wrong, in a few words: the system's message for an OSError, also where tensorstore
+    reports one inside its own message (os_error_code), else the first sentence of e's message."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code:
+        return os.strerror(int(code[1]))
+    return (str(e).strip().splitlines() or [''])[0].split('. ')[0][:200].rstrip(':.')
+
+
+@contextlib.contextmanager
+def quiet_unless_failed():
+    """Silence orbax while the block runs: when a read or write fails, each of its threads still in
+    flight prints a traceback, through absl's logger, threading.excepthook, the asyncio logger and,
+    as orbax's event loops close, sys.excepthook and at exit sys.unraisablehook. They sound again
+    only when the block succeeds: after a failure the program ends with its own one-line error."""
+    hooks = sys.excepthook, sys.unraisablehook, threading.excepthook
+    sys.excepthook = sys.unraisablehook = threading.excepthook = lambda *args: None
+    loggers = [logging.getLogger(name) for name in ('absl', 'asyncio')]
+    for logger in loggers:
+        logger.disabled = True
+    yield
+    sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
+    for logger in loggers:
+        logger.disabled = False
+
+
 def save_checkpoint(manager, state, meta):
     """Save params, optimizer state and the JSON metadata (model_args, iter_num, best_val_loss,
-    config) as separate items, so sampling can read the params alone. A run replacing the
-    checkpoint another run left in out_dir may save at a lower or the same iter_num: force saves
-    below the latest step, and orbax deletes the old checkpoint once the new one is complete; one
-    at the very same iter_num must be deleted first, as orbax never writes over a step."""
-    if meta['iter_num'] in manager.all_steps():
-        manager.delete(meta['iter_num'])
-    manager.save(meta['iter_num'], force=True, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
-        meta=ocp.args.JsonSave(meta)))
+    config) as separate items, so sampling can read the params alone, and wait until the write is
+    complete. A run replacing the checkpoint another run left in out_dir may save at a lower or the
+    same iter_num: force saves below the latest step, and orbax deletes the old checkpoint once the
+    new one is complete; one at the very same iter_num must be deleted first, as orbax never writes
+    over a step.
+    OSError with the reason in a few words when the write fails (a full disk, lost permissions, an
+    I/O error): the unfinished folder is removed where possible and manager.latest_step() is the
+    checkpoint out_dir still holds. With several processes, a write that fails on one fails on all:
+    the others wait for it at orbax's barrier, which fails too (at orbax's timeout at the latest)."""
+    step = meta['iter_num']
+    if step in manager.all_steps():
+        manager.delete(step)
+    try:
+        with quiet_unless_failed():
+            manager.save(step, force=True, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
+                meta=ocp.args.JsonSave(meta)))
+            manager.wait_until_finished()  # a failure shows now, not at the next save
+    except Exception as e:  # orbax and tensorstore wrap the system's error in many kinds
+        if jax.process_index() == 0:
+            remove_unfinished(manager.directory, step)
+        manager.reload()  # orbax counted the failed step as saved
+        raise OSError(error_reason(e)) from None
+
+
+def remove_unfinished(directory, step):
+    """Remove the folder of the save of step that failed, where possible. The writes of tensorstore
+    still in flight when it failed, which nothing waits for, may create files in it for a few
+    milliseconds more: remove it until it has stayed gone for a second, for ten seconds at most."""
+    start = removed = time.time()
+    while time.time() - removed < 1 and time.time() - start < 10:
+        for unfinished in directory.glob(f'{step}.orbax-checkpoint-tmp*'):
+            shutil.rmtree(unfinished, ignore_errors=True)
+            removed = time.time()
+        time.sleep(0.01)
 
 
 def restore_latest(manager, args):
     """manager.restore of the latest checkpoint; ValueError with a one-line message when it cannot
     be read into args: written for another model or optimizer, or damaged."""
     step = manager.latest_step()
-    # when a restore fails, the reads still in flight end in orbax's closed event loop and print
-    # tracebacks through sys.excepthook, the asyncio logger and, at exit, sys.unraisablehook:
-    # all silent until the restore succeeds
-    hooks = sys.excepthook, sys.unraisablehook
-    sys.excepthook = sys.unraisablehook = lambda *args: None
-    logging.getLogger('asyncio').disabled = True
     try:
-        restored = manager.restore(step, args=args)
+        with quiet_unless_failed():
+            restored = manager.restore(step, args=args)
     except Exception as e:  # orbax and tensorstore raise many kinds; the caller ends the program
-        reason = (str(e).strip().splitlines() or [''])[0].split('. ')[0][:200].rstrip(':.')
         raise ValueError(f"cannot restore the checkpoint {manager.directory}/{step} ({type(e).__name__}: "
-                         f"{reason}): it was written for another model or optimizer, or is damaged; "
+                         f"{error_reason(e)}): it was written for another model or optimizer, or is damaged; "
                          f"start again in another --out_dir") from None
-    sys.excepthook, sys.unraisablehook = hooks
-    logging.getLogger('asyncio').disabled = False
     return restored
 
 
@@ -462,7 +517,113 @@ def metrics_writer(out_dir, keep_before):
 
 
 # -----------------------------------------------------------------------------
-# faults: stop signals and divergence
+# one training run per out_dir
+
+LOCK_FILE = 'train.lock'  # in out_dir: the host, pid and start time of the run that trains there
+LEASE_REFRESH = 60  # seconds between two refreshes of the lock's modification time by its run
+LEASE_EXPIRY = 600  # seconds without a refresh after which a lock is stale, wherever its run was
+
+
+def read_lock(path):
+    """The lock at path as {'host', 'pid', 'started', 'age'}, age the seconds since it was last
+    refreshed; None when there is no lock, {'age'} alone while its run is still writing it."""
+    try:
+        with open(path) as f:
+            text = f.read()
+        age = time.time() - os.path.getmtime(path)
+    except FileNotFoundError:
+        return None
+    try:
+        return dict(json.loads(text), age=age)
+    except ValueError:
+        return {'age': age}
+
+
+def process_running(pid):
+    """Whether a process with this pid runs on this host, other than this one."""
+    if pid == os.getpid():  # a lock naming this process was left by another process with the same pid
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        pass
+    return True
+
+
+def lock_is_stale(holder):
+    """Whether the run of a lock (see read_lock) is gone: a dead pid on this host, or, wherever it
+    ran (out_dir on a filesystem that several hosts share), a lease no longer refreshed."""
+    if holder['age'] > LEASE_EXPIRY:
+        return True
+    return holder.get('host') == socket.gethostname() and 'pid' in holder and not process_running(holder['pid'])
+
+
+def take_lock(out_dir):
+    """Make this process the one training run of out_dir: create its lock file, or take over a stale
+    one (see lock_is_stale), and refresh the lock's lease until the lock is released, at exit or by
+    the returned function. ValueError naming the holder when another run has it."""
+    path = os.path.join(out_dir, LOCK_FILE)
+    me = {'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic, on NFS too
+            break
+        except FileExistsError:
+            holder = read_lock(path)
+        if holder is None:  # released since
+            continue
+        who = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started {holder.get('started', '?')}"
+        if not lock_is_stale(holder):
+            lease = "" if holder.get('host') == me['host'] else \
+                f"; it refreshed its lock {holder['age']:.0f} s ago, which is taken over after {LEASE_EXPIRY} s without"
+            raise ValueError(f"out_dir {out_dir!r} is in use by another run ({who}): wait for it to end or stop "
+                             f"it, or choose another --out_dir{lease}")
+        print(f"taking over the lock of {out_dir!r} from a run that is gone ({who})")
+        # two runs taking over the same stale lock in the very same instant could both remove it
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    with os.fdopen(fd, 'w') as f:
+        json.dump(me, f)
+    stop = threading.Event()
+
+    def refresh():
+        while not stop.wait(LEASE_REFRESH):
+            try:
+                os.utime(path)
+            except OSError:  # out_dir unreachable for now: the lease says so
+                pass
+
+    def release():
+        stop.set()
+        holder = read_lock(path)
+        if holder is not None and all(holder.get(k) == v for k, v in me.items()):  # not taken over since
+            os.remove(path)
+    threading.Thread(target=refresh, daemon=True).start()
+    atexit.register(release)
+    return release
+
+
+def lock_out_dir(out_dir):
+    """take_lock on process 0, which writes the checkpoints for all; ValueError on every process
+    when another run has out_dir. Take it before opening out_dir's checkpoints: orbax deletes the
+    unfinished checkpoint folders it finds there, which may be another run's save in progress."""
+    refused, release = '', None
+    if jax.process_index() == 0:
+        try:
+            release = take_lock(out_dir)
+        except ValueError as e:
+            refused = str(e)
+    if max_over_processes(int(bool(refused))) and not refused:
+        refused = f"out_dir {out_dir!r} is in use by another run: see the error of process 0"
+    if refused:
+        raise ValueError(refused)
+    return release
+
+
+# -----------------------------------------------------------------------------
+# faults: stop signals, divergence, out of memory
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -482,17 +643,32 @@ def catch_stop_signals():
 def stop_signal(received, at_sync_point):
     """The number of the stop signal received, 0 when none. With several processes all must stop
     at the same iteration, so they agree (the signal any of them received) at sync points only."""
-    if jax.process_count() == 1:
-        return received[0] if received else 0
-    if not at_sync_point:
+    if jax.process_count() > 1 and not at_sync_point:
         return 0
-    return int(multihost_utils.process_allgather(np.int32(received[0] if received else 0)).max())
+    return max_over_processes(received[0] if received else 0)
 
 
 @jax.jit
 def all_finite(tree):
     """Whether every number in the arrays of tree is finite: neither NaN nor infinite."""
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
+
+
+def out_of_memory_message(error, where, state_bytes, remat, fsdp, n_devices):
+    """The one line for XLA's out of memory error in where, 'the training step' or 'evaluation':
+    what XLA was allocating, the bytes of params and optimizer state on each device (state_bytes),
+    and what to try among what the run does not do yet (remat, which only the training step's
+    backward pass gains from, and fsdp on n_devices)."""
+    size = lambda n: f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+    allocating = re.search(r'allocat\w* (\d+) bytes', str(error))
+    what = f"allocating {size(int(allocating[1]))}" if allocating else error_reason(error)
+    tries = ["a smaller --batch_size with more --gradient_accumulation_steps (the same tokens per iteration)"]
+    if not remat and where == 'the training step':
+        tries.append("--remat=True")
+    if not fsdp and n_devices > 1:
+        tries.append("--fsdp=True")
+    return (f"out of memory in {where} ({what}, with {size(state_bytes)} of params and optimizer state per "
+            f"device): try {', or '.join(tries)}")
 
 
 # -----------------------------------------------------------------------------
@@ -511,3 +687,10 @@ def init_distributed():
     elif int(env.get('SLURM_NTASKS', 1)) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', 1)) > 1 \
             or importlib.util.find_spec('libtpu') is not None:
         jax.distributed.initialize()
+
+
+def max_over_processes(n):
+    """The largest of the numbers n that the processes give (a collective: all of them must call it)."""
+    if jax.process_count() == 1:
+        return n
+    return int(multihost_utils.process_allgather(np.int32(n)).max())

@@ -1,6 +1,7 @@
 """Robustness, tested as a user meets it: every bad input stops with a one-line error before any
-work starts; SIGTERM, ^C, kill -9 and a diverging loss lose no work; the same config and seed
-print the same losses."""
+work starts; SIGTERM, ^C, kill -9, a diverging loss, a full disk, a second run on the same out_dir
+and running out of memory lose no work; the same config and seed print the same losses."""
+import atexit
 import hashlib
 import json
 import os
@@ -8,6 +9,7 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -236,6 +238,8 @@ def test_kill_9_while_saving_then_resume_and_interrupt(reference, data_root, env
     names = os.listdir(tmp_path)
     saved = max(int(n) for n in names if n.isdigit())
     assert f'{saved + 1}.orbax-checkpoint-tmp' in names  # killed while writing the next one
+    killed = json.loads((tmp_path / 'train.lock').read_text())
+    assert (killed['pid'], killed['host']) == (p.pid, socket.gethostname())  # its lock is left
     p = start('train_jax.py', args + ['--init_from=resume'], env)
     stdout = ''
     for line in p.stdout:
@@ -245,7 +249,10 @@ def test_kill_9_while_saving_then_resume_and_interrupt(reference, data_root, env
     assert p.wait() == 128 + signal.SIGINT, p.stderr.read()[-3000:]
     stopped_at = int(re.search(r'^SIGINT received: stopping at iter (\d+)$', stdout, re.M)[1])
     assert losses(stdout)[0] == iters[saved:stopped_at]
-    assert sorted(os.listdir(tmp_path)) == [str(stopped_at), 'metrics.csv']  # the unfinished folder was cleaned up too
+    assert f"taking over the lock of '{tmp_path}' from a run that is gone (pid {killed['pid']} on host " \
+           f"{killed['host']}, started {killed['started']})" in stdout
+    # the unfinished folder was cleaned up too, the lock released
+    assert sorted(os.listdir(tmp_path)) == [str(stopped_at), 'metrics.csv']
 
 
 def test_nan_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(reference, data_root, env, tmp_path):
@@ -291,3 +298,140 @@ def test_a_save_replaces_the_checkpoint_of_another_run_at_any_iteration(tmp_path
         manager.wait_until_finished()
         assert os.listdir(tmp_path) == [str(iter_num)]
         assert tu.restore_meta(tu.checkpoint_manager(tmp_path)) == {'iter_num': iter_num, 'run': run_name}
+
+
+# -----------------------------------------------------------------------------
+# faults during a run: a full disk, a second run on the same out_dir, out of memory
+
+def test_a_full_disk_stops_the_run_at_that_save_and_loses_nothing(reference, data_root, env, tmp_path):
+    """out_dir on a tmpfs with room for one checkpoint: resumed at iter 12, the run stops at its save
+    at iter 16 with one line and exit code 1, its unfinished folder removed and checkpoint 12 byte
+    for byte unchanged. Copied where there is room, out_dir resumes and evaluates iter 16 as the
+    failed run did."""
+    checkpoint = sum(-(-os.path.getsize(os.path.join(d, f)) // 4096) * 4 for d, _, fs in os.walk(reference[0])
+                     for f in fs)  # KiB, in tmpfs pages
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={checkpoint * 3 // 2}k', 'tmpfs', str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs as a full disk: {mounted.stderr.strip()}")
+    try:
+        out_dir = disk / 'out'
+        shutil.copytree(reference[0], out_dir)
+        args = ARGS + [f'--data_root={data_root}', '--init_from=resume', '--max_iters=16']
+        code, stdout, stderr = run('train_jax.py', args + [f'--out_dir={out_dir}'], env)
+        assert (code, stderr) == (1, f"error: saving the checkpoint to '{out_dir}' failed: No space left on device; "
+                                     f"the last complete checkpoint (iter 12) is kept: fix that and resume with "
+                                     f"--init_from=resume\n")
+        assert lines(stdout, 'saving')[-1] == f'saving checkpoint to {out_dir}'
+        assert os.listdir(out_dir) == ['12'] and file_hashes(out_dir) == file_hashes(reference[0])
+        roomy = tmp_path / 'roomy'
+        shutil.copytree(out_dir, roomy)
+    finally:
+        subprocess.run(['umount', str(disk)], check=True)
+    code, resumed, stderr = run('train_jax.py', args + [f'--out_dir={roomy}'], env)
+    assert code == 0, stderr[-3000:]
+    assert lines(resumed, 'step ') == lines(stdout, 'step ') and os.listdir(roomy) == ['16']
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_and_touches_nothing(reference, data_root, env, tmp_path):
+    """While a run trains, a second resume of its out_dir stops at once with one line naming the
+    first. It changes none of the first run's files, not even the unfinished folder of a save in
+    progress; the first carries on, then stops on SIGTERM with its checkpoint."""
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    args = ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}', '--init_from=resume']
+    first = start('train_jax.py', args + ['--max_iters=100000', '--eval_interval=100000'], env)
+    for line in first.stdout:
+        if line.startswith('iter 14:'):
+            break
+    (tmp_path / '99.orbax-checkpoint-tmp').mkdir()  # what a save in progress leaves, which orbax deletes on opening
+    (tmp_path / '99.orbax-checkpoint-tmp' / 'params').write_text('being written')
+    before = file_hashes(tmp_path)
+    holder = json.loads((tmp_path / 'train.lock').read_text())
+    assert (holder['pid'], holder['host']) == (first.pid, socket.gethostname())
+    code, stdout, stderr = run('train_jax.py', args, env)
+    assert (code, stderr) == (2, f"error: out_dir '{tmp_path}' is in use by another run (pid {first.pid} on host "
+                                 f"{holder['host']}, started {holder['started']}): wait for it to end or stop it, or "
+                                 f"choose another --out_dir\n")
+    assert 'number of parameters' not in stdout and file_hashes(tmp_path) == before
+    first.send_signal(signal.SIGTERM)
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    stopped_at = int(re.search(r'^SIGTERM received: stopping at iter (\d+)$', stdout, re.M)[1])
+    assert sorted(os.listdir(tmp_path)) == [str(stopped_at), '99.orbax-checkpoint-tmp']  # the lock released
+    import jax_train_utils as tu
+    assert tu.restore_meta(tu.checkpoint_manager(tmp_path, read_only=True))['iter_num'] == stopped_at
+
+
+def test_a_lock_from_another_host_is_taken_over_once_no_longer_refreshed(tmp_path, monkeypatch):
+    """out_dir on a filesystem that several hosts share: another host's lock holds while its run
+    refreshes it, and is taken over once it has not for LEASE_EXPIRY seconds. The new holder
+    refreshes its own, and releases it."""
+    import jax_train_utils as tu
+    lock = tmp_path / 'train.lock'
+    lock.write_text(json.dumps({'host': 'other-host', 'pid': 7, 'started': '2030-01-01 00:00:00'}))
+    refreshed = time.time() - 30
+    os.utime(lock, (refreshed, refreshed))
+    with pytest.raises(ValueError) as refused:
+        tu.take_lock(str(tmp_path))
+    assert str(refused.value) == f"out_dir '{tmp_path}' is in use by another run (pid 7 on host other-host, started " \
+        f"2030-01-01 00:00:00): wait for it to end or stop it, or choose another --out_dir; it refreshed its lock " \
+        f"30 s ago, which is taken over after 600 s without"
+    refreshed = time.time() - tu.LEASE_EXPIRY - 1
+    os.utime(lock, (refreshed, refreshed))
+    monkeypatch.setattr(tu, 'LEASE_REFRESH', 0.01)
+    release = tu.take_lock(str(tmp_path))
+    atexit.unregister(release)
+    assert json.loads(lock.read_text())['pid'] == os.getpid()
+    os.utime(lock, (0, 0))
+    deadline = time.time() + 60
+    while os.path.getmtime(lock) == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    assert time.time() - os.path.getmtime(lock) < 60
+    release()
+    assert not lock.exists()
+
+
+def test_out_of_memory_says_what_to_try_and_keeps_the_checkpoint(reference, data_root, env, tmp_path):
+    """A new run over a checkpoint (--overwrite_checkpoint=True) with batches of 4096 x 1024 tokens,
+    under a 16 GB limit on its address space: XLA's allocation of ~40 GB for the first evaluation
+    fails as a full device's would. One line says what to try; exit code 1; the checkpoint is as it was."""
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    before = file_hashes(tmp_path)
+    limited = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30)); " \
+              "sys.argv[0] = 'train_jax.py'; runpy.run_path('train_jax.py', run_name='__main__')"
+    args = ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}', '--overwrite_checkpoint=True',
+                   '--block_size=1024', '--batch_size=4096', '--gradient_accumulation_steps=1', '--eval_iters=1',
+                   '--cpu_devices=1']
+    out = subprocess.run([sys.executable, '-c', limited] + args, cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1 and re.fullmatch(
+        r"error: out of memory in evaluation \(allocating \d+\.\d GiB, with 0\.7 MiB of params and optimizer state "
+        r"per device\): try a smaller --batch_size with more --gradient_accumulation_steps \(the same tokens per "
+        r"iteration\)\n", out.stderr), out.stderr[-3000:]
+    assert file_hashes(tmp_path) == before
+
+
+def test_out_of_memory_message_offers_what_the_run_does_not_do_yet():
+    """The same line for a GPU's message, which names the size, and a TPU's, which does not; remat
+    helps the training step alone, fsdp needs several devices."""
+    import jax_train_utils as tu
+    gpu = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25769803776 bytes.")
+    assert tu.out_of_memory_message(gpu, 'the training step', 1_500_000_000, False, False, 8) == \
+        "out of memory in the training step (allocating 24.0 GiB, with 1.4 GiB of params and optimizer state per " \
+        "device): try a smaller --batch_size with more --gradient_accumulation_steps (the same tokens per " \
+        "iteration), or --remat=True, or --fsdp=True"
+    tpu = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.5G of 15.48G hbm.")
+    assert tu.out_of_memory_message(tpu, 'evaluation', 500 * 2**20, False, False, 1) == \
+        "out of memory in evaluation (RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm, with 500.0 MiB of " \
+        "params and optimizer state per device): try a smaller --batch_size with more " \
+        "--gradient_accumulation_steps (the same tokens per iteration)"
+
+
+def test_a_failed_write_is_named_by_the_system_error():
+    """What a failed save says, whether Python or tensorstore reports the system's error."""
+    import jax_train_utils as tu
+    assert tu.error_reason(PermissionError(13, 'Permission denied', '/out/16')) == 'Permission denied'
+    assert tu.error_reason(ValueError('DATA_LOSS: Error writing "h_0/0" in OCDBT database at local file "/out/": '
+                                      'Failed writing: [os_error_code=5]')) == 'Input/output error'

@@ -102,6 +102,11 @@ tu.configure_devices(device, cpu_devices, [(gradient_accumulation_steps, batch_s
 tu.use_compilation_cache(compilation_cache)
 tu.init_distributed()
 master_process = jax.process_index() == 0  # this process does logging, checkpointing etc.
+if not eval_only:  # one training run per out_dir; eval_only reads the checkpoint alone, as sampling does
+    try:
+        tu.lock_out_dir(out_dir)
+    except ValueError as e:
+        die(str(e))
 try:
     dtype = tu.resolve_dtype(dtype)
     # one iteration is gradient_accumulation_steps x batch_size rows, however many devices share it
@@ -157,7 +162,7 @@ if os.path.exists(meta_path):
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                   bias=bias, vocab_size=None, dropout=dropout,
                   gelu_approximate=False)  # start with model_args from command line
-manager = tu.checkpoint_manager(out_dir)
+manager = tu.checkpoint_manager(out_dir, read_only=eval_only)
 param_sharding = lambda config: tu.state_sharding(mesh, param_shapes(config), fsdp, fsdp_min_size)
 if init_from != 'resume' and manager.latest_step() is not None and not overwrite_checkpoint:
     die(f"out_dir {out_dir!r} already holds a checkpoint (iter {manager.latest_step()}): continue it with "
@@ -229,9 +234,9 @@ else:
     state = jax.jit(tu.create_train_state, static_argnums=(0, 2), out_shardings=state_sharding,
                     donate_argnums=1)(model_config, params, tx)
 train_step = tu.make_train_step(state_sharding, mesh, fsdp)
+state_bytes = tu.bytes_per_device(abstract_state, state_sharding)
 if master_process:
-    state_mib = tu.bytes_per_device(abstract_state, state_sharding) / 2**20
-    print(f"params and optimizer state: {state_mib:,.1f} MiB per device")
+    print(f"params and optimizer state: {state_bytes / 2**20:,.1f} MiB per device")
 n_params = count_params(state.params)
 print(f"number of parameters: {n_params / 1e6:.2f}M")
 if peak_flops == 0.0:
@@ -254,17 +259,29 @@ def save_checkpoint():
         diverged("the parameters are not finite")
     if master_process:
         print(f"saving checkpoint to {out_dir}")
-    tu.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
-                                        'best_val_loss': best_val_loss, 'config': config})
+    try:
+        tu.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
+                                            'best_val_loss': best_val_loss, 'config': config})
+    except OSError as e:
+        last = manager.latest_step()
+        die(f"saving the checkpoint to {out_dir!r} failed: {e}; " +
+            (f"the last complete checkpoint (iter {last}) is kept: fix that and resume with --init_from=resume"
+             if last is not None else "no complete checkpoint is left"), code=1)
 
 
 def diverged(what):
     """Stop every process of a run whose loss went NaN or infinite, exit code 1."""
-    manager.wait_until_finished()  # a save in progress is of an earlier, good state: let it complete
     last = manager.latest_step()
     die(f"iter {iter_num}: {what}: training diverged; " +
         (f"the last checkpoint in {out_dir!r} (iter {last}) is kept: resume it with a lower --learning_rate"
          if last is not None else "no checkpoint was written"), code=1)
+
+
+def out_of_memory(error, where):
+    """Stop with what to change when the devices ran out of memory; any other error goes on up."""
+    if 'RESOURCE_EXHAUSTED' not in str(error):
+        raise error
+    die(tu.out_of_memory_message(error, where, state_bytes, remat, fsdp, len(devices)), code=1)
 
 
 def get_lr(it):
@@ -294,7 +311,10 @@ stop = 0
 while True:
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0:
-        losses = estimate_loss()
+        try:
+            losses = estimate_loss()
+        except jax.errors.JaxRuntimeError as e:
+            out_of_memory(e, 'evaluation')
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             write_metrics(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=get_lr(iter_num))
@@ -312,10 +332,13 @@ while True:
         break
 
     # one jitted step runs all the micro-steps, the gradient accumulation and the update
-    x, y = next(train_batches)
-    state, loss = train_step(state, x, y, dropout_key)
-    if one_step_in_flight:
-        jax.block_until_ready(loss)
+    try:
+        x, y = next(train_batches)
+        state, loss = train_step(state, x, y, dropout_key)
+        if one_step_in_flight or local_iter_num == 0:  # a step too big for memory fails by the end of the first
+            jax.block_until_ready(loss)
+    except jax.errors.JaxRuntimeError as e:
+        out_of_memory(e, 'the training step')
     iters_timed += 1
 
     # timing and logging
@@ -348,6 +371,5 @@ while True:
         save_checkpoint()
         break
 
-manager.wait_until_finished()
 if stop:
     sys.exit(128 + stop)  # what a shell reports for a process killed by the signal
