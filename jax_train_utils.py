@@ -494,25 +494,32 @@ METRICS_COLUMNS = ['iter', 'loss', 'train_loss', 'val_loss', 'lr', 'time_ms', 'm
 
 def metrics_writer(out_dir, keep_before):
     """A function that appends one row to out_dir/metrics.csv, write(iter=..., loss=..., ...), numbers
-    to 6 digits and None as an empty cell, and flushes it, so that a killed run keeps its rows. The file's rows at iterations before
-    keep_before are kept and the later ones dropped: a run resumed at iteration keep_before writes
-    those again, so its file ends as if the run had never stopped (0: a new file)."""
+    to 6 digits and None as an empty cell, and flushes it, so that a killed run keeps its rows. The
+    file's rows at iterations before keep_before are kept and the later ones dropped: a run resumed
+    at iteration keep_before writes those again, so its file ends as if the run had never stopped
+    (0: a new file). That happens at the first row, so a run stopped before it (out of memory at
+    the first evaluation, say) leaves the file as it was."""
     path = os.path.join(out_dir, 'metrics.csv')
-    rows = []
-    if keep_before > 0 and os.path.exists(path):
-        with open(path, newline='') as f:
-            rows = [row for row in csv.DictReader(f) if int(row['iter']) < keep_before]
-    with open(path + '.tmp', 'w', newline='') as f:  # replaced in one go: a kill cannot truncate it
-        writer = csv.DictWriter(f, METRICS_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(path + '.tmp', path)
-    f = open(path, 'a', newline='')
-    writer = csv.DictWriter(f, METRICS_COLUMNS)
+    opened = []  # the file, open for appending from the first row on
+
+    def start():
+        rows = []
+        if keep_before > 0 and os.path.exists(path):
+            with open(path, newline='') as f:
+                rows = [row for row in csv.DictReader(f) if int(row['iter']) < keep_before]
+        with open(path + '.tmp', 'w', newline='') as f:  # replaced in one go: a kill cannot truncate it
+            writer = csv.DictWriter(f, METRICS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(path + '.tmp', path)
+        return open(path, 'a', newline='')
 
     def write(**row):
-        writer.writerow({k: f'{v:.6g}' if isinstance(v, float) else v for k, v in row.items()})
-        f.flush()
+        if not opened:
+            opened.append(start())
+        csv.DictWriter(opened[0], METRICS_COLUMNS).writerow(
+            {k: f'{v:.6g}' if isinstance(v, float) else v for k, v in row.items()})
+        opened[0].flush()
     return write
 
 

@@ -325,14 +325,15 @@ def test_a_full_disk_stops_the_run_at_that_save_and_loses_nothing(reference, dat
                                      f"the last complete checkpoint (iter 12) is kept: fix that and resume with "
                                      f"--init_from=resume\n")
         assert lines(stdout, 'saving')[-1] == f'saving checkpoint to {out_dir}'
-        assert os.listdir(out_dir) == ['12'] and file_hashes(out_dir) == file_hashes(reference[0])
+        assert sorted(os.listdir(out_dir)) == ['12', 'metrics.csv']
+        assert file_hashes(out_dir / '12') == file_hashes(os.path.join(reference[0], '12'))
         roomy = tmp_path / 'roomy'
         shutil.copytree(out_dir, roomy)
     finally:
         subprocess.run(['umount', str(disk)], check=True)
     code, resumed, stderr = run('train_jax.py', args + [f'--out_dir={roomy}'], env)
     assert code == 0, stderr[-3000:]
-    assert lines(resumed, 'step ') == lines(stdout, 'step ') and os.listdir(roomy) == ['16']
+    assert lines(resumed, 'step ') == lines(stdout, 'step ') and sorted(os.listdir(roomy)) == ['16', 'metrics.csv']
 
 
 def test_a_second_run_on_the_same_out_dir_is_refused_and_touches_nothing(reference, data_root, env, tmp_path):
@@ -347,19 +348,21 @@ def test_a_second_run_on_the_same_out_dir_is_refused_and_touches_nothing(referen
             break
     (tmp_path / '99.orbax-checkpoint-tmp').mkdir()  # what a save in progress leaves, which orbax deletes on opening
     (tmp_path / '99.orbax-checkpoint-tmp' / 'params').write_text('being written')
-    before = file_hashes(tmp_path)
+    # every file but metrics.csv, which the first run writes as it goes
+    run_files = lambda: {name: h for name, h in file_hashes(tmp_path).items() if name != 'metrics.csv'}
+    before = run_files()
     holder = json.loads((tmp_path / 'train.lock').read_text())
     assert (holder['pid'], holder['host']) == (first.pid, socket.gethostname())
     code, stdout, stderr = run('train_jax.py', args, env)
     assert (code, stderr) == (2, f"error: out_dir '{tmp_path}' is in use by another run (pid {first.pid} on host "
                                  f"{holder['host']}, started {holder['started']}): wait for it to end or stop it, or "
                                  f"choose another --out_dir\n")
-    assert 'number of parameters' not in stdout and file_hashes(tmp_path) == before
+    assert 'number of parameters' not in stdout and run_files() == before
     first.send_signal(signal.SIGTERM)
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     stopped_at = int(re.search(r'^SIGTERM received: stopping at iter (\d+)$', stdout, re.M)[1])
-    assert sorted(os.listdir(tmp_path)) == [str(stopped_at), '99.orbax-checkpoint-tmp']  # the lock released
+    assert sorted(os.listdir(tmp_path)) == [str(stopped_at), '99.orbax-checkpoint-tmp', 'metrics.csv']  # lock released
     import jax_train_utils as tu
     assert tu.restore_meta(tu.checkpoint_manager(tmp_path, read_only=True))['iter_num'] == stopped_at
 
