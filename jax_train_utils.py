@@ -34,7 +34,8 @@ from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jax_transformer import GPT, GPTConfig, param_shapes
+from jax_transformer import (GPT, GPTConfig, NANOGPT_MODEL_ARGS, param_shapes, param_paths, hf_name,
+                             nanogpt_param_names, params_from_nanogpt)
 
 # -----------------------------------------------------------------------------
 # devices
@@ -217,6 +218,39 @@ def adamw(learning_rate, weight_decay, beta1, beta2, grad_clip, mask, eps=1e-8):
         updates, mu, nu = (jax.tree.map(lambda o: o[i], out, is_leaf=lambda o: isinstance(o, tuple)) for i in range(3))
         return updates, AdamWState(count, mu, nu)
     return optax.GradientTransformation(init, update)
+
+
+def nanogpt_param_groups(config):
+    """The names of the parameters in the two groups of nanoGPT's AdamW (its configure_optimizers):
+    those decayed (2 or more dims), then the others, each in named_parameters() order."""
+    ndim = {hf_name(path): len(shape.shape) for path, shape in param_paths(param_shapes(config))}
+    names = nanogpt_param_names(config)
+    return [n for n in names if ndim[n] >= 2], [n for n in names if ndim[n] < 2]
+
+
+def adamw_state_from_nanogpt(optimizer, config):
+    """The AdamWState of nanoGPT's torch AdamW, from its state_dict() with NumPy arrays: the
+    parameter ids of its two groups (nanogpt_param_groups) name each one's exp_avg, exp_avg_sq and
+    step. torch's step becomes the count, which the learning rate schedule reads, so the next
+    update is the one torch would make. ValueError when it is not such an optimizer."""
+    decay, no_decay = nanogpt_param_groups(config)
+    not_nanogpts = f"its optimizer is not nanoGPT's AdamW over {len(decay)} decayed and {len(no_decay)} other tensors"
+    try:
+        ids = [list(group['params']) for group in optimizer['param_groups']]
+        if [len(g) for g in ids] != [len(decay), len(no_decay)]:
+            raise ValueError(f"{not_nanogpts}: its groups hold {' and '.join(str(len(g)) for g in ids)}")
+        state = dict(zip(decay + no_decay, (optimizer['state'][i] for i in ids[0] + ids[1])))
+        steps = {float(s['step']) for s in state.values()}
+        mu, nu = ({name: s[k] for name, s in state.items()} for k in ('exp_avg', 'exp_avg_sq'))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{not_nanogpts} ({type(e).__name__}: {e})") from None
+    if len(steps) != 1:
+        raise ValueError(f"its optimizer stepped its parameters {min(steps):.0f} to {max(steps):.0f} times")
+    try:
+        mu, nu = params_from_nanogpt(mu, config), params_from_nanogpt(nu, config)
+    except ValueError as e:
+        raise ValueError(f"its optimizer's moments are not the model's: {e}") from None
+    return AdamWState(count=jnp.asarray(steps.pop(), jnp.int32), mu=mu, nu=nu)
 
 
 def configure_optimizer(params, learning_rate, weight_decay, beta1, beta2, grad_clip,
@@ -458,9 +492,14 @@ def with_sharding(abstract, sharding):
 
 
 def restore_model(out_dir, dtype, sharding):
-    """(metadata, GPTConfig, params placed by sharding) of out_dir's latest checkpoint, for sampling
-    and export. ValueError when out_dir holds none."""
+    """(metadata, GPTConfig, params placed by sharding) of out_dir's newest checkpoint, this port's
+    or nanoGPT's ckpt.pt, for sampling and export. ValueError when out_dir holds none."""
     manager = checkpoint_manager(out_dir, read_only=True)
+    nanogpt_checkpoint = newest_nanogpt_checkpoint(manager)
+    if nanogpt_checkpoint is not None:
+        print(f"reading nanoGPT's checkpoint {nanogpt_checkpoint}")
+        meta, params, _ = read_nanogpt_checkpoint(nanogpt_checkpoint, with_optimizer=False)
+        return meta, GPTConfig(**meta['model_args'], dtype=dtype), jax.device_put(params, sharding)
     meta = restore_meta(manager)
     if meta is None:
         raise ValueError(f"no checkpoint in out_dir {out_dir!r}: train one with train_jax.py, or point --out_dir "
@@ -472,6 +511,13 @@ def restore_model(out_dir, dtype, sharding):
     return meta, config, restore_latest(manager, args)['params']
 
 
+def train_state_at(abstract_state, iter_num, params, opt_state, sharding):
+    """A train state like abstract_state at step iter_num, holding params and opt_state, each array
+    placed by sharding (see state_sharding), as the train step returns it."""
+    state = abstract_state.replace(step=jnp.asarray(iter_num, jnp.int32), params=params, opt_state=opt_state)
+    return jax.device_put(state, sharding)
+
+
 def restore_train_state(manager, abstract_state, iter_num, sharding):
     """The latest checkpoint's params and optimizer state in a train state at step iter_num, each
     array placed by sharding (see state_sharding), whatever the sharding it was saved with."""
@@ -479,9 +525,103 @@ def restore_train_state(manager, abstract_state, iter_num, sharding):
     args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_state.params),
                               opt_state=ocp.args.StandardRestore(abstract_state.opt_state))
     restored = restore_latest(manager, args)
-    step = jax.device_put(jnp.asarray(iter_num, jnp.int32), sharding.step)  # placed as the step returns it
-    return abstract_state.replace(step=step, params=restored['params'],
-                                  opt_state=restored['opt_state'])
+    return train_state_at(abstract_state, iter_num, restored['params'], restored['opt_state'], sharding)
+
+
+def restore_state_on_host(manager):
+    """(metadata, GPTConfig, train state) of the manager's latest checkpoint, on the first device,
+    whatever the optimizer settings it was trained with (they shape no array): for export.
+    ValueError when there is none."""
+    meta = restore_meta(manager)
+    if meta is None:
+        raise ValueError(f"no checkpoint of this port in {manager.directory}: train one with train_jax.py, or "
+                         f"point --out_dir at one")
+    config = GPTConfig(**meta['model_args'])
+    abstract_params = param_shapes(config)
+    tx = adamw(0.0, 0.0, 0.0, 0.0, 0.0, decay_mask(abstract_params))
+    abstract_state = jax.eval_shape(functools.partial(create_train_state, config, tx=tx), abstract_params)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.tree.map(lambda _: device, abstract_state)
+    return meta, config, restore_train_state(manager, abstract_state, meta['iter_num'], sharding)
+
+
+# -----------------------------------------------------------------------------
+# nanoGPT's own checkpoint, ckpt.pt in its out_dir: read here, written by export_nanogpt.py.
+# torch is imported on these paths only.
+
+NANOGPT_CHECKPOINT = 'ckpt.pt'
+
+
+def import_torch(why):
+    """torch, or ValueError saying how to install it."""
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"{why} needs PyTorch: pip install torch (the CPU wheel is enough: pip install torch "
+                         f"--index-url https://download.pytorch.org/whl/cpu)") from None
+    return torch
+
+
+def checkpoint_time(manager):
+    """When the latest checkpoint of manager was written, in nanoseconds (the modification time of
+    its folder), or None when there is none."""
+    step = manager.latest_step()
+    return None if step is None else os.stat(os.path.join(manager.directory, str(step))).st_mtime_ns
+
+
+def newest_nanogpt_checkpoint(manager):
+    """The path of nanoGPT's ckpt.pt in the manager's out_dir when it is the newest checkpoint there
+    (newer than this port's latest, or alone), else None: a run handed back and forth between
+    nanoGPT and this port goes on from where it was trained last."""
+    path = os.path.join(manager.directory, NANOGPT_CHECKPOINT)
+    saved = checkpoint_time(manager)
+    return path if os.path.isfile(path) and (saved is None or os.stat(path).st_mtime_ns > saved) else None
+
+
+def read_nanogpt_checkpoint(path, with_optimizer=True):
+    """nanoGPT's ckpt.pt, the dict its train.py saves, as (meta, params, opt_state): meta as this
+    port's checkpoints hold it (model_args, iter_num, best_val_loss, config), the params of its
+    model's state dict (a compiled model's, whose names begin with `_orig_mod.`, too) and the
+    AdamWState of its optimizer (None without with_optimizer). nanoGPT's model computes the exact
+    GELU. ValueError, with a one-line message, when torch is missing or the file is not such a
+    checkpoint; nothing is written."""
+    torch = import_torch(f"reading nanoGPT's checkpoint {path}")
+    try:
+        # mmap: each tensor is read when it is converted, so a large checkpoint is never all in memory
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as e:  # a damaged zip or pickle raises many kinds
+        raise ValueError(f"cannot read {path} ({type(e).__name__}): it is cut short or damaged, or was not "
+                         f"written by torch.save") from None
+    not_nanogpts = f"{path} is not a checkpoint of nanoGPT's train.py"
+    missing = [k for k in ('model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss')
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{not_nanogpts}: it has no {', '.join(missing)}")
+    args = ckpt['model_args']
+    sizes = ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size')
+    if not (isinstance(args, dict) and all(k in args for k in NANOGPT_MODEL_ARGS)
+            and all(isinstance(args[k], int) and args[k] > 0 for k in sizes)
+            and args['n_embd'] % args['n_head'] == 0 and isinstance(args['bias'], bool)):
+        raise ValueError(f"{not_nanogpts}: its model_args {args!r} are not those of a GPT")
+    model_args = {**{k: args[k] for k in NANOGPT_MODEL_ARGS}, 'gelu_approximate': False}
+    config = GPTConfig(**model_args)
+    to_numpy = lambda tensors: {k: t.detach().to(torch.float32).numpy() for k, t in tensors.items()}
+    try:
+        meta = {'model_args': model_args, 'iter_num': int(ckpt['iter_num']),
+                'best_val_loss': float(ckpt['best_val_loss']), 'config': dict(ckpt.get('config', {}))}
+        model = {k.removeprefix('_orig_mod.'): t for k, t in to_numpy(ckpt['model']).items()}
+        optimizer = ckpt['optimizer']
+        if with_optimizer:
+            optimizer = dict(optimizer, state={i: to_numpy(s) for i, s in optimizer['state'].items()})
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # not numbers and tensors where nanoGPT has them
+        raise ValueError(f"{not_nanogpts} ({type(e).__name__}: {e})") from None
+    try:
+        params = params_from_nanogpt(model, config)
+        opt_state = adamw_state_from_nanogpt(optimizer, config) if with_optimizer else None
+    except ValueError as e:
+        shape = ', '.join(f'{k}={args[k]}' for k in NANOGPT_MODEL_ARGS if k != 'dropout')
+        raise ValueError(f"{path} does not fit its model_args ({shape}): {e}") from None
+    return meta, params, opt_state
 
 
 # -----------------------------------------------------------------------------

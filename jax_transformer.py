@@ -396,7 +396,8 @@ def params_from_hf(get_tensor, config):
     params = {}
     for path, shape in param_paths(shapes):
         w = jnp.asarray(get_tensor(hf_name(path)), dtype=jnp.float32)
-        assert w.shape == shape.shape, f"{hf_name(path)}: shape {w.shape}, expected {shape.shape}"
+        if w.shape != shape.shape:
+            raise ValueError(f"{hf_name(path)} has shape {w.shape}, but the model's is {shape.shape}")
         node = params
         for name in path[:-1]:
             node = node.setdefault(name, {})
@@ -414,6 +415,53 @@ def params_to_hf(params, config):
         state[hf_name(path)] = np.asarray(w, dtype=np.float32)
         if not config.bias and path[-1] in ('kernel', 'scale'):
             state[hf_name(path[:-1] + ('bias',))] = np.zeros(w.shape[-1], np.float32)
+    return state
+
+
+# -----------------------------------------------------------------------------
+# nanoGPT's own checkpoints (the state dict of its model.py's GPT). Its names are Hugging Face's
+# (hf_name), but its c_attn, c_fc and c_proj are nn.Linear, whose weights are (out, in): the
+# transpose of a Flax Dense kernel.
+
+NANOGPT_MODEL_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
+
+
+def nanogpt_param_names(config):
+    """The names of nanoGPT's model.named_parameters() for config, in its order, which its
+    optimizer's parameter ids follow. lm_head.weight is not one: it is transformer.wte.weight."""
+    block = ['ln_1.weight', 'ln_1.bias', 'attn.c_attn.weight', 'attn.c_attn.bias', 'attn.c_proj.weight',
+             'attn.c_proj.bias', 'ln_2.weight', 'ln_2.bias', 'mlp.c_fc.weight', 'mlp.c_fc.bias',
+             'mlp.c_proj.weight', 'mlp.c_proj.bias']
+    names = ['transformer.wte.weight', 'transformer.wpe.weight']
+    names += [f'transformer.h.{i}.{name}' for i in range(config.n_layer) for name in block]
+    names += ['transformer.ln_f.weight', 'transformer.ln_f.bias']
+    return [n for n in names if config.bias or not n.endswith('.bias')]
+
+
+def params_from_nanogpt(state_dict, config):
+    """Flax params for config from nanoGPT's model.state_dict() (NumPy arrays, a compiled model's
+    `_orig_mod.` prefix removed), or from its AdamW moments under the same names. lm_head.weight
+    (tied to wte) and the causal mask buffers of models without flash attention (attn.bias) are
+    not parameters here. ValueError when the tensors are not those of config."""
+    expected = {hf_name(path) for path, _ in param_paths(param_shapes(config))}
+    other = [k for k in state_dict if k not in expected and k != 'lm_head.weight' and not k.endswith('.attn.bias')]
+    missing = sorted(expected - set(state_dict))
+    if missing:
+        raise ValueError(f"it has no {missing[0]}")
+    if other:
+        raise ValueError(f"it has {other[0]}, which the model has not")
+    transpose = lambda name: name.endswith(('c_attn.weight', 'c_proj.weight', 'c_fc.weight'))
+    return params_from_hf(lambda name: state_dict[name].T if transpose(name) else state_dict[name], config)
+
+
+def params_to_nanogpt(params):
+    """nanoGPT's named parameters for params, {name: float32 NumPy array}: the inverse of
+    params_from_nanogpt. Its model.state_dict() also holds lm_head.weight, the same array as
+    transformer.wte.weight; its AdamW moments are in this layout too."""
+    state = {}
+    for path, w in param_paths(params):
+        w = np.asarray(w, dtype=np.float32)
+        state[hf_name(path)] = np.ascontiguousarray(w.T) if path[-1] == 'kernel' else w
     return state
 
 

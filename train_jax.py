@@ -150,6 +150,7 @@ def get_batch(split, iter_num, layout, stream):
 # init these up here, can override if init_from='resume' (i.e. from a checkpoint)
 iter_num = 0
 best_val_loss = 1e9
+nanogpt_checkpoint = None  # nanoGPT's ckpt.pt, when that is what this run resumes
 
 # attempt to derive vocab_size from the dataset
 meta_path = os.path.join(data_dir, 'meta.pkl')
@@ -167,6 +168,9 @@ param_sharding = lambda config: tu.state_sharding(mesh, param_shapes(config), fs
 if init_from != 'resume' and manager.latest_step() is not None and not overwrite_checkpoint:
     die(f"out_dir {out_dir!r} already holds a checkpoint (iter {manager.latest_step()}): continue it with "
         f"--init_from=resume, choose another --out_dir, or replace it with --overwrite_checkpoint=True")
+if init_from != 'resume' and os.path.exists(os.path.join(out_dir, tu.NANOGPT_CHECKPOINT)) and not overwrite_checkpoint:
+    die(f"out_dir {out_dir!r} holds nanoGPT's checkpoint {tu.NANOGPT_CHECKPOINT}: continue it with "
+        f"--init_from=resume, choose another --out_dir, or train anew beside it with --overwrite_checkpoint=True")
 key = jax.random.key(seed)
 if init_from == 'scratch':
     print("Initializing a new model from scratch")
@@ -177,8 +181,13 @@ if init_from == 'scratch':
     params = jax.jit(init_params, static_argnums=0, out_shardings=param_sharding(model_config))(model_config, key)
 elif init_from == 'resume':
     print(f"Resuming training from {out_dir}")
+    nanogpt_checkpoint = tu.newest_nanogpt_checkpoint(manager)  # when newer than this port's checkpoint
     try:
-        ckpt_meta = tu.restore_meta(manager)
+        if nanogpt_checkpoint is not None:
+            print(f"reading nanoGPT's checkpoint {nanogpt_checkpoint}")
+            ckpt_meta, nanogpt_params, nanogpt_opt_state = tu.read_nanogpt_checkpoint(nanogpt_checkpoint)
+        else:
+            ckpt_meta = tu.restore_meta(manager)
     except ValueError as e:
         die(str(e))
     if ckpt_meta is None:
@@ -224,7 +233,13 @@ tx = tu.configure_optimizer(abstract_params, learning_rate, weight_decay, beta1,
                             decay_lr, warmup_iters, lr_decay_iters, min_lr)
 abstract_state = jax.eval_shape(partial(tu.create_train_state, model_config, tx=tx), abstract_params)
 state_sharding = tu.state_sharding(mesh, abstract_state, fsdp, fsdp_min_size)
-if init_from == 'resume':
+if nanogpt_checkpoint is not None:
+    if int(nanogpt_opt_state.count) != iter_num:  # nanoGPT's float16 loss scaling skips steps
+        print(f"note: the optimizer of {nanogpt_checkpoint} made {int(nanogpt_opt_state.count)} steps in "
+              f"{iter_num} iterations; the learning rate schedule follows its steps")
+    state = tu.train_state_at(abstract_state, iter_num, nanogpt_params, nanogpt_opt_state, state_sharding)
+    del nanogpt_params, nanogpt_opt_state  # now on the devices
+elif init_from == 'resume':
     try:
         state = tu.restore_train_state(manager, abstract_state, iter_num, state_sharding)
     except ValueError as e:
