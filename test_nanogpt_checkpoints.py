@@ -264,7 +264,7 @@ def test_train_resumes_a_nanogpt_run_then_its_own_checkpoint(resumed, root):
     assert "reading nanoGPT's" not in second
     assert [int(i) for i, _ in ITER.findall(second)] == [8, 9, 10, 11, 12]
     assert {int(s): (float(t), float(v)) for s, t, v in STEP.findall(second)}[8] == steps[8]
-    assert sorted(os.listdir(out_dir)) == ['12', 'ckpt.pt']
+    assert sorted(os.listdir(out_dir)) == ['12', 'ckpt.pt', 'metrics.csv']
     assert file_hashes(out_dir)['ckpt.pt'] == file_hashes(root / 'plain')['ckpt.pt']
 
 
