@@ -13,8 +13,12 @@ import math
 import sys
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:
+    print("error: the examples need PyTorch: pip install -r requirements-dev.txt", file=sys.stderr)
+    sys.exit(2)
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
