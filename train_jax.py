@@ -89,9 +89,7 @@ if init_from == 'resume' and not os.path.isdir(out_dir):
 checks.check_train_config(config)
 checks.check_out_dir(out_dir)
 
-import numpy as np
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
 import jax_train_utils as tu
