@@ -37,7 +37,7 @@ if saved_at is not None and os.path.exists(ckpt_path) and os.stat(ckpt_path).st_
     die(f"{ckpt_path} is newer than the checkpoint of {out_dir} (iter {manager.latest_step()}), which would "
         f"replace it: write it elsewhere with --ckpt_dir")
 try:
-    meta, config, state = tu.restore_state_on_host(manager)
+    meta, config, state = tu.restore_state_on_host(manager, out_dir)
 except ValueError as e:
     die(str(e))
 

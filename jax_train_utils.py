@@ -486,6 +486,15 @@ def restore_meta(manager):
     return restore_latest(manager, ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
 
+def required_meta(manager, out_dir):
+    """restore_meta, for reading a run (sampling, export): ValueError when out_dir holds no checkpoint."""
+    meta = restore_meta(manager)
+    if meta is None:
+        raise ValueError(f"no checkpoint in out_dir {out_dir!r}: train one with train_jax.py, or point --out_dir "
+                         f"at one")
+    return meta
+
+
 def with_sharding(abstract, sharding):
     """abstract (a tree of shapes and dtypes) with each leaf placed by the matching leaf of sharding."""
     return jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), abstract, sharding)
@@ -500,10 +509,7 @@ def restore_model(out_dir, dtype, sharding):
         print(f"reading nanoGPT's checkpoint {nanogpt_checkpoint}")
         meta, params, _ = read_nanogpt_checkpoint(nanogpt_checkpoint, with_optimizer=False)
         return meta, GPTConfig(**meta['model_args'], dtype=dtype), jax.device_put(params, sharding)
-    meta = restore_meta(manager)
-    if meta is None:
-        raise ValueError(f"no checkpoint in out_dir {out_dir!r}: train one with train_jax.py, or point --out_dir "
-                         f"at one")
+    meta = required_meta(manager, out_dir)
     config = GPTConfig(**meta['model_args'], dtype=dtype)
     abstract_params = param_shapes(config)
     abstract_params = with_sharding(abstract_params, jax.tree.map(lambda _: sharding, abstract_params))
@@ -528,14 +534,11 @@ def restore_train_state(manager, abstract_state, iter_num, sharding):
     return train_state_at(abstract_state, iter_num, restored['params'], restored['opt_state'], sharding)
 
 
-def restore_state_on_host(manager):
-    """(metadata, GPTConfig, train state) of the manager's latest checkpoint, on the first device,
-    whatever the optimizer settings it was trained with (they shape no array): for export.
-    ValueError when there is none."""
-    meta = restore_meta(manager)
-    if meta is None:
-        raise ValueError(f"no checkpoint of this port in {manager.directory}: train one with train_jax.py, or "
-                         f"point --out_dir at one")
+def restore_state_on_host(manager, out_dir):
+    """(metadata, GPTConfig, train state) of the latest checkpoint of out_dir (opened by manager),
+    on the first device, whatever the optimizer settings it was trained with (they shape no array):
+    for export. ValueError when there is none."""
+    meta = required_meta(manager, out_dir)
     config = GPTConfig(**meta['model_args'])
     abstract_params = param_shapes(config)
     tx = adamw(0.0, 0.0, 0.0, 0.0, 0.0, decay_mask(abstract_params))
@@ -756,17 +759,16 @@ def lock_out_dir(out_dir):
     """take_lock on process 0, which writes the checkpoints for all; ValueError on every process
     when another run has out_dir. Take it before opening out_dir's checkpoints: orbax deletes the
     unfinished checkpoint folders it finds there, which may be another run's save in progress."""
-    refused, release = '', None
+    refused = ''
     if jax.process_index() == 0:
         try:
-            release = take_lock(out_dir)
+            take_lock(out_dir)
         except ValueError as e:
             refused = str(e)
     if max_over_processes(int(bool(refused))) and not refused:
         refused = f"out_dir {out_dir!r} is in use by another run: see the error of process 0"
     if refused:
         raise ValueError(refused)
-    return release
 
 
 # -----------------------------------------------------------------------------

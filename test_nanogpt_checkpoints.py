@@ -307,7 +307,7 @@ def test_export_hands_a_resumed_run_back_to_nanogpt(resumed, env):
     out_dir = resumed[0]
     p = run('export_nanogpt.py', [f'--out_dir={out_dir}'], env)
     assert f"wrote iter 12 of {out_dir} to {out_dir}/ckpt.pt" in p.stdout
-    meta, config, state = tu.restore_state_on_host(tu.checkpoint_manager(str(out_dir), read_only=True))
+    meta, config, state = tu.restore_state_on_host(tu.checkpoint_manager(str(out_dir), read_only=True), str(out_dir))
     check_nanogpt_takes_it(out_dir / 'ckpt.pt', meta, config, state)
     manager = tu.checkpoint_manager(str(out_dir), read_only=True)
     assert tu.newest_nanogpt_checkpoint(manager) is None  # the same state: a resume here keeps this port's
