@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -394,7 +395,11 @@ def checkpoint_manager(out_dir, read_only=False):
     temporary folder such a kill leaves is deleted when the next training run opens out_dir, which
     it holds the lock of (see lock_out_dir). read_only (sampling, export, eval_only) creates and
     deletes nothing, so it leaves a save in progress alone."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, cleanup_tmp_directories=not read_only)
+    # orbax's own clean-up runs in a thread that an early exit (a bad flag) would cut off mid-way
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, cleanup_tmp_directories=False)
+    if not read_only:
+        for unfinished in pathlib.Path(out_dir).glob('*.orbax-checkpoint-tmp*'):
+            shutil.rmtree(unfinished, ignore_errors=True)
     return ocp.CheckpointManager(os.path.abspath(out_dir), options=options)
 
 

@@ -303,6 +303,19 @@ def test_a_save_replaces_the_checkpoint_of_another_run_at_any_iteration(tmp_path
 # -----------------------------------------------------------------------------
 # faults during a run: a full disk, a second run on the same out_dir, out of memory
 
+def test_a_training_run_removes_unfinished_saves_before_its_manager_opens(tmp_path):
+    """The folders that killed saves leave are gone when checkpoint_manager returns, not later in a
+    thread that an early exit (a bad flag) cuts off with a traceback; read-only opening keeps them."""
+    import jax_train_utils as tu
+    tu.save_checkpoint(tu.checkpoint_manager(tmp_path), SimpleNamespace(params={'w': np.ones(3)}, opt_state={'m': np.zeros(3)}),
+                       {'iter_num': 3})
+    for unfinished in ('4.orbax-checkpoint-tmp', '5.orbax-checkpoint-tmp-1764300000'):  # orbax 0.12 and 0.11 names
+        (tmp_path / unfinished).mkdir()
+        (tmp_path / unfinished / 'params').write_text('being written')
+    assert tu.checkpoint_manager(tmp_path, read_only=True).latest_step() == 3 and len(os.listdir(tmp_path)) == 3
+    assert tu.checkpoint_manager(tmp_path).latest_step() == 3 and os.listdir(tmp_path) == ['3']
+
+
 def test_a_full_disk_stops_the_run_at_that_save_and_loses_nothing(reference, data_root, env, tmp_path):
     """out_dir on a tmpfs with room for one checkpoint: resumed at iter 12, the run stops at its save
     at iter 16 with one line and exit code 1, its unfinished folder removed and checkpoint 12 byte
