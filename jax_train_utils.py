@@ -762,7 +762,7 @@ def take_lock(out_dir):
 
 def lock_out_dir(out_dir):
     """take_lock on process 0, which writes the checkpoints for all; ValueError on every process
-    when another run has out_dir. Take it before opening out_dir's checkpoints: orbax deletes the
+    when another run has out_dir. Take it before opening out_dir's checkpoints: opening deletes the
     unfinished checkpoint folders it finds there, which may be another run's save in progress."""
     refused = ''
     if jax.process_index() == 0:

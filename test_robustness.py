@@ -359,7 +359,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused_and_touches_nothing(referen
     for line in first.stdout:
         if line.startswith('iter 14:'):
             break
-    (tmp_path / '99.orbax-checkpoint-tmp').mkdir()  # what a save in progress leaves, which orbax deletes on opening
+    (tmp_path / '99.orbax-checkpoint-tmp').mkdir()  # what a save in progress leaves, which a training run deletes on opening
     (tmp_path / '99.orbax-checkpoint-tmp' / 'params').write_text('being written')
     # every file but metrics.csv, which the first run writes as it goes
     run_files = lambda: {name: h for name, h in file_hashes(tmp_path).items() if name != 'metrics.csv'}
