@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import csv
 import functools
+import gc
 import importlib.util
 import itertools
 import json
@@ -23,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -451,11 +453,22 @@ def save_checkpoint(manager, state, meta):
                 params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
                 meta=ocp.args.JsonSave(meta)))
             manager.wait_until_finished()  # a failure shows now, not at the next save
+            return
     except Exception as e:  # orbax and tensorstore wrap the system's error in many kinds
-        if jax.process_index() == 0:
-            remove_unfinished(manager.directory, step)
-        manager.reload()  # orbax counted the failed step as saved
-        raise OSError(error_reason(e)) from None
+        reason = error_reason(e)
+    if jax.process_index() == 0:
+        remove_unfinished(manager.directory, step)
+    manager.reload()  # orbax counted the failed step as saved
+    free_abandoned_coroutines()
+    raise OSError(reason)
+
+
+def free_abandoned_coroutines():
+    """Free the reads or writes orbax had not started when one of them failed. Left to the
+    program's exit, they may print a warning about a coroutine never awaited after the error line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)
+        gc.collect()
 
 
 def remove_unfinished(directory, step):
@@ -476,12 +489,12 @@ def restore_latest(manager, args):
     step = manager.latest_step()
     try:
         with quiet_unless_failed():
-            restored = manager.restore(step, args=args)
+            return manager.restore(step, args=args)
     except Exception as e:  # orbax and tensorstore raise many kinds; the caller ends the program
-        raise ValueError(f"cannot restore the checkpoint {manager.directory}/{step} ({type(e).__name__}: "
-                         f"{error_reason(e)}): it was written for another model or optimizer, or is damaged; "
-                         f"start again in another --out_dir") from None
-    return restored
+        reason = f"{type(e).__name__}: {error_reason(e)}"
+    free_abandoned_coroutines()
+    raise ValueError(f"cannot restore the checkpoint {manager.directory}/{step} ({reason}): it was written for "
+                     f"another model or optimizer, or is damaged; start again in another --out_dir")
 
 
 def restore_meta(manager):
