@@ -124,6 +124,7 @@ def get_batch(rng, shape):
 
 # nanoGPT's defaults; they do not change the speed
 OPTIMIZER = dict(learning_rate=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
+LR_SCHEDULE = tu.lr_schedule(OPTIMIZER['learning_rate'], True, 100, 5000, 6e-5)
 
 
 def jax_contender():
@@ -131,8 +132,8 @@ def jax_contender():
     compiled program's text, which names the operations of a profile."""
     replicated = NamedSharding(mesh, P())
     params = jax.device_put(init_params(config, jax.random.key(seed)), replicated)
-    tx = tu.configure_optimizer(params, **OPTIMIZER, decay_lr=True, warmup_iters=100,
-                                lr_decay_iters=5000, min_lr=6e-5)
+    tx = tu.configure_optimizer(params, LR_SCHEDULE, OPTIMIZER['weight_decay'], OPTIMIZER['beta1'],
+                                OPTIMIZER['beta2'], OPTIMIZER['grad_clip'])
     state = tu.create_train_state(config, params, tx)
     rng, key = np.random.default_rng(seed), jax.random.key(seed)
     batch_sharding = NamedSharding(mesh, P(None, 'data'))

@@ -6,7 +6,6 @@ $ python export_hf.py --out_dir=out-shakespeare --hf_dir=hf-out
 """
 import os
 import sys
-import json
 
 from configurator import configure, die
 
@@ -20,24 +19,18 @@ if not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")
 
 import jax
-from safetensors.numpy import save_file
 
+import checkpoints
 import jax_train_utils as tu
-from jax_transformer import params_to_hf, hf_config
+from gpt2_weights import save_pretrained
 
 tu.configure_devices('cpu', 1, [])  # the weights only pass through the host
 
-try:
-    checkpoint, config, params = tu.restore_model(out_dir, 'float32',
-                                                  jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+try:  # this port's latest checkpoint, or nanoGPT's ckpt.pt when that is newer
+    checkpoint, config, params = checkpoints.load_params(out_dir, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 except ValueError as e:
     die(str(e))
-
-os.makedirs(hf_dir, exist_ok=True)
-# transformers 4 refuses a safetensors file whose metadata does not name a framework it knows
-save_file(params_to_hf(params, config), os.path.join(hf_dir, 'model.safetensors'), metadata={'format': 'pt'})
-with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
-    json.dump(hf_config(config), f, indent=2)
+save_pretrained(params, config, hf_dir)
 print(f"wrote iter {checkpoint['iter_num']} of {out_dir} to {hf_dir}: {config}")
 if not config.bias:
     print("bias=False: the biases of Hugging Face's GPT-2 are written as zeros, which compute the same")

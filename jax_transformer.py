@@ -7,10 +7,7 @@ https://github.com/openai/gpt-2/blob/master/src/model.py
 https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
 """
 
-import contextlib
-import json
 import math
-import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -35,13 +32,17 @@ class GPTConfig:
     remat: bool = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
 
 
+# the fields of GPTConfig that the weights were trained with: a resumed or fine-tuned run takes them
+# from its checkpoint; the others (dropout, dtype, remat) are the run's own choice
+ARCHITECTURE_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'gelu_approximate')
+
+
 @jax.custom_vjp
 def cpu_matmul(x, w):
     """x @ w (x: (..., C_in), w: (C_in, C_out)), differentiated as autodiff would, except that the
     weight gradient x^T @ dy reads x^T written out. Left to itself, XLA's CPU backend folds the
     transpose into the product and hands a product contracting over the first dimension of both
-    operands to a generic kernel at about half the speed of its fast ones (the train step of the
-    CPU config: 3-4 ms of ~35 faster, bench_jax.py)."""
+    operands to a generic kernel at about half the speed of its fast ones (docs/performance.md)."""
     return x @ w
 
 
@@ -88,7 +89,7 @@ def dropout_mask(key, shape, rate):
     """A boolean mask of shape, False (drop) with probability rate rounded to a multiple of 2^-16
     (0.2 drops 13107/65536 = 0.199997), from any jax key. Each threefry draw (64 bits) gives four
     16-bit uniforms, where flax's nn.Dropout spends a whole draw and a float conversion on every
-    element: random bits for the (B, nh, T, T) attention and every residual stream were a large
+    element: random bits for the (B, nh, T, T) attention and every residual stream are a large
     part of a GPU step with dropout. The counters are positions in the mask, so that a sharded
     mask is the same as a whole one."""
     *lead, n = shape
@@ -134,8 +135,7 @@ def sorted_take(table, ids):
 
 def take_tokens(table, ids):
     """The token embeddings table[ids]: sorted_take on GPUs. A CPU adds up the plain take's
-    gradient quickly and would only pay for the sorts (the lookup and its gradient in the CPU
-    config: 0.17 ms plain, 0.37 ms sorted)."""
+    gradient quickly and would only pay for the sorts."""
     return sorted_take(table, ids) if jax.default_backend() == 'gpu' else jnp.take(table, ids, axis=0)
 
 
@@ -184,7 +184,7 @@ class CausalSelfAttention(nn.Module):
 
 def gelu_exact(x):
     """The exact (erf) GELU, as nn.gelu(approximate=False) computes it within 5e-7, but through erf,
-    not erfc: XLA's CPU erf is 2.5x faster (the train step of the CPU config: 1.5-2.5% faster)."""
+    not erfc, which is much slower in XLA's CPU backend."""
     return 0.5 * x * (1.0 + jax.lax.erf(x * (1 / math.sqrt(2))))
 
 
@@ -196,7 +196,7 @@ class MLP(nn.Module):
         cfg = self.config
         B, T, C = x.shape
         # on (B*T, C) rows: with (B, T, C) XLA's CPU backward writes the GELU gradient transposed
-        # in a slow loop (forward+backward of the CPU config: 67 -> 49 ms)
+        # in a slow loop
         x = dense(cfg, 4 * C, 'c_fc')(x.reshape(B * T, C))
         x = nn.gelu(x, approximate=True) if cfg.gelu_approximate else gelu_exact(x)
         x = dense(cfg, C, 'c_proj', std=residual_std(cfg))(x).reshape(B, T, C)
@@ -275,6 +275,12 @@ def param_shapes(config):
     return jax.eval_shape(partial(init_params, config), jax.random.key(0))
 
 
+def param_paths(params):
+    """(path, array) for every parameter, paths as tuples of names."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return [(tuple(k.key for k in path), leaf) for path, leaf in flat]
+
+
 def count_params(params, non_embedding=True):
     """Number of parameters. The position embeddings are left out by default, as in nanoGPT
     (the token embeddings are counted: they are tied to the final layer's weights)."""
@@ -327,7 +333,8 @@ def sample_token(logits, key, temperature, top_k, top_p=1.0):
         # the last kept token is the first whose cumulative probability reaches top_p
         last = jnp.minimum(jnp.sum(cumulative < top_p, axis=-1, keepdims=True), logits.shape[-1] - 1)
         logits = jnp.where(logits < jnp.take_along_axis(sorted_logits, last, axis=-1), -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)  # (B,)
+    # a draw from softmax(logits), as torch.multinomial(probs, 1) in nanoGPT: the Gumbel-max trick
+    return jnp.argmax(logits + jax.random.gumbel(key, logits.shape), axis=-1).astype(jnp.int32)  # (B,)
 
 
 @partial(jax.jit, static_argnames=('config', 'max_new_tokens', 'top_k', 'top_p'))
@@ -367,212 +374,3 @@ def generate(params, config, idx, key, max_new_tokens, temperature=1.0, top_k=No
     if 1 + n_cached < max_new_tokens:  # traced only when the sequence outgrows block_size
         seq = jax.lax.fori_loop(1 + n_cached, max_new_tokens, window_step, seq)
     return seq
-
-
-# -----------------------------------------------------------------------------
-# GPT-2 checkpoints in Hugging Face's layout (transformers' GPT2LMHeadModel state dict names)
-
-def hf_name(path):
-    """Flax param path ('h_0', 'attn', 'c_attn', 'kernel') -> 'transformer.h.0.attn.c_attn.weight'.
-    HF's GPT-2 stores c_attn, c_fc, c_proj as Conv1D weights (in, out): the same layout as a
-    Flax Dense kernel, so no transpose is needed."""
-    *module, leaf = path
-    if module[0].startswith('h_'):
-        module = ['h', module[0][2:]] + list(module[1:])
-    leaf = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight', 'bias': 'bias'}[leaf]
-    return '.'.join(['transformer'] + module + [leaf])
-
-
-def param_paths(params):
-    """(path, array) for every parameter, paths as tuples of names."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return [(tuple(k.key for k in path), leaf) for path, leaf in flat]
-
-
-def params_from_hf(get_tensor, config):
-    """Flax params for `config` from a GPT-2 checkpoint in HF's layout; get_tensor(name) returns
-    one float array, so tensors can be streamed one at a time from a safetensors file."""
-    shapes = param_shapes(config)
-    params = {}
-    for path, shape in param_paths(shapes):
-        w = jnp.asarray(get_tensor(hf_name(path)), dtype=jnp.float32)
-        if w.shape != shape.shape:
-            raise ValueError(f"{hf_name(path)} has shape {w.shape}, but the model's is {shape.shape}")
-        node = params
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = w
-    return params
-
-
-def params_to_hf(params, config):
-    """The state dict of transformers' GPT2LMHeadModel for params, float32 NumPy arrays: the inverse
-    of params_from_hf. lm_head.weight is left out, as save_pretrained does: it is tied to
-    transformer.wte.weight. HF's GPT-2 always has biases: a bias=False model gets zeros there,
-    which compute the same."""
-    state = {}
-    for path, w in param_paths(params):
-        state[hf_name(path)] = np.asarray(w, dtype=np.float32)
-        if not config.bias and path[-1] in ('kernel', 'scale'):
-            state[hf_name(path[:-1] + ('bias',))] = np.zeros(w.shape[-1], np.float32)
-    return state
-
-
-# -----------------------------------------------------------------------------
-# nanoGPT's own checkpoints (the state dict of its model.py's GPT). Its names are Hugging Face's
-# (hf_name), but its c_attn, c_fc and c_proj are nn.Linear, whose weights are (out, in): the
-# transpose of a Flax Dense kernel.
-
-NANOGPT_MODEL_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
-
-
-def nanogpt_param_names(config):
-    """The names of nanoGPT's model.named_parameters() for config, in its order, which its
-    optimizer's parameter ids follow. lm_head.weight is not one: it is transformer.wte.weight."""
-    block = ['ln_1.weight', 'ln_1.bias', 'attn.c_attn.weight', 'attn.c_attn.bias', 'attn.c_proj.weight',
-             'attn.c_proj.bias', 'ln_2.weight', 'ln_2.bias', 'mlp.c_fc.weight', 'mlp.c_fc.bias',
-             'mlp.c_proj.weight', 'mlp.c_proj.bias']
-    names = ['transformer.wte.weight', 'transformer.wpe.weight']
-    names += [f'transformer.h.{i}.{name}' for i in range(config.n_layer) for name in block]
-    names += ['transformer.ln_f.weight', 'transformer.ln_f.bias']
-    return [n for n in names if config.bias or not n.endswith('.bias')]
-
-
-def params_from_nanogpt(state_dict, config):
-    """Flax params for config from nanoGPT's model.state_dict() (NumPy arrays, a compiled model's
-    `_orig_mod.` prefix removed), or from its AdamW moments under the same names. lm_head.weight
-    (tied to wte) and the causal mask buffers of models without flash attention (attn.bias) are
-    not parameters here. ValueError when the tensors are not those of config."""
-    expected = {hf_name(path) for path, _ in param_paths(param_shapes(config))}
-    other = [k for k in state_dict if k not in expected and k != 'lm_head.weight' and not k.endswith('.attn.bias')]
-    missing = sorted(expected - set(state_dict))
-    if missing:
-        raise ValueError(f"it has no {missing[0]}")
-    if other:
-        raise ValueError(f"it has {other[0]}, which the model has not")
-    transpose = lambda name: name.endswith(('c_attn.weight', 'c_proj.weight', 'c_fc.weight'))
-    return params_from_hf(lambda name: state_dict[name].T if transpose(name) else state_dict[name], config)
-
-
-def params_to_nanogpt(params):
-    """nanoGPT's named parameters for params, {name: float32 NumPy array}: the inverse of
-    params_from_nanogpt. Its model.state_dict() also holds lm_head.weight, the same array as
-    transformer.wte.weight; its AdamW moments are in this layout too."""
-    state = {}
-    for path, w in param_paths(params):
-        w = np.asarray(w, dtype=np.float32)
-        state[hf_name(path)] = np.ascontiguousarray(w.T) if path[-1] == 'kernel' else w
-    return state
-
-
-# -----------------------------------------------------------------------------
-# OpenAI's GPT-2 weights, from the Hugging Face hub or a local folder, and back
-
-GPT2_MODELS = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
-# transformers' names of the GELUs: True for the tanh approximation OpenAI's GPT-2 was trained with
-HF_GELUS = {'gelu': False, 'gelu_python': False, 'gelu_new': True, 'gelu_pytorch_tanh': True, 'gelu_fast': True}
-
-
-def gpt_config_from_hf(hf, dropout=0.0, dtype='float32'):
-    """The GPTConfig of a transformers GPT2Config, given as the dict of its config.json.
-    ValueError for a variant of GPT-2 that this model does not compute."""
-    if hf.get('model_type') != 'gpt2':
-        raise ValueError(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
-    activation = hf.get('activation_function', 'gelu_new')
-    if activation not in HF_GELUS:
-        raise ValueError(f"activation_function {activation!r} is not one of {', '.join(HF_GELUS)}")
-    n_embd = hf.get('n_embd', 768)
-    # GPT-2's options, at the values GPT computes with (transformers' defaults)
-    fixed = {'layer_norm_epsilon': 1e-5, 'scale_attn_weights': True, 'scale_attn_by_inverse_layer_idx': False,
-             'add_cross_attention': False, 'tie_word_embeddings': True}
-    other = [k for k, v in fixed.items() if hf.get(k, v) != v]
-    other += ['n_inner'] if hf.get('n_inner') not in (None, 4 * n_embd) else []
-    if other:
-        raise ValueError(f"this GPT-2 has settings the model here does not support: {', '.join(other)}")
-    return GPTConfig(block_size=hf.get('n_positions', 1024), vocab_size=hf.get('vocab_size', 50257),
-                     n_layer=hf.get('n_layer', 12), n_head=hf.get('n_head', 12), n_embd=n_embd,
-                     dropout=dropout, bias=True, gelu_approximate=HF_GELUS[activation], dtype=dtype)
-
-
-def hf_config(config):
-    """config.json of transformers' GPT2LMHeadModel for config: the inverse of gpt_config_from_hf."""
-    eot = 50256 if config.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, when the vocab has it
-    return {
-        'model_type': 'gpt2', 'architectures': ['GPT2LMHeadModel'],
-        'vocab_size': config.vocab_size, 'n_positions': config.block_size, 'n_embd': config.n_embd,
-        'n_layer': config.n_layer, 'n_head': config.n_head, 'n_inner': None,
-        'activation_function': 'gelu_new' if config.gelu_approximate else 'gelu',
-        'resid_pdrop': config.dropout, 'embd_pdrop': config.dropout, 'attn_pdrop': config.dropout,
-        'layer_norm_epsilon': 1e-5, 'initializer_range': 0.02, 'tie_word_embeddings': True,
-        'bos_token_id': eot, 'eos_token_id': eot, 'dtype': 'float32',
-    }
-
-
-def hf_files(name_or_path):
-    """Paths of the config.json and the safetensors file(s) of one of GPT2_MODELS, downloaded
-    from the Hugging Face hub (or found in its cache), or of a folder written by save_pretrained."""
-    if name_or_path in GPT2_MODELS:
-        from huggingface_hub import hf_hub_download
-        repo = f'openai-community/{name_or_path}'
-        try:
-            return hf_hub_download(repo, 'config.json'), [hf_hub_download(repo, 'model.safetensors')]
-        except OSError as e:  # no network and not in the cache, or the hub refused
-            raise ValueError(f"cannot get {repo} from the Hugging Face hub ({type(e).__name__}): "
-                             f"fill its cache while online, or pass a local folder") from None
-    if not os.path.isdir(name_or_path):
-        raise ValueError(f"{name_or_path!r} is neither one of {', '.join(GPT2_MODELS)} nor a folder")
-    config_path = os.path.join(name_or_path, 'config.json')
-    weights = os.path.join(name_or_path, 'model.safetensors')
-    index = weights + '.index.json'  # a large model saved in shards
-    if not os.path.isfile(config_path):
-        raise ValueError(f"{name_or_path} has no config.json: not a Hugging Face GPT-2 folder")
-    if os.path.isfile(weights):
-        return config_path, [weights]
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)['weight_map'].values()))
-        return config_path, [os.path.join(name_or_path, shard) for shard in shards]
-    raise ValueError(f"{name_or_path} has no model.safetensors")
-
-
-def safetensors_reader(paths, stack):
-    """get_tensor(name) for params_from_hf, reading one tensor at a time from the safetensors
-    files `paths`, which stay open in the ExitStack `stack`. OpenAI's files on the hub name the
-    tensors of GPT2Model ('h.0.attn.c_attn.weight'), save_pretrained those of GPT2LMHeadModel
-    ('transformer.h.0.attn.c_attn.weight'): both work."""
-    from safetensors import safe_open
-    files = {}
-    for path in paths:
-        f = stack.enter_context(safe_open(path, framework='numpy'))
-        files.update(dict.fromkeys(f.keys(), f))
-    prefix = 'transformer.' if 'transformer.wte.weight' in files else ''
-
-    def get_tensor(name):
-        key = prefix + name.removeprefix('transformer.')
-        if key not in files:
-            raise ValueError(f"{', '.join(paths)} has no tensor {key}: not a GPT-2 of its config.json")
-        return files[key].get_tensor(key)
-    return get_tensor
-
-
-def from_pretrained(name_or_path, dropout=None, dtype='float32'):
-    """(GPTConfig, params) of OpenAI's GPT-2: 'gpt2', 'gpt2-medium', 'gpt2-large' or 'gpt2-xl'
-    from the Hugging Face hub (its cache and HF_HUB_OFFLINE work as usual), or a GPT-2 folder as
-    transformers' save_pretrained writes it (config.json, model.safetensors). The tensors are read
-    one at a time, so this needs little more host memory than the model itself.
-    dropout overrides the config's 0.0, dtype is the compute dtype. ValueError, with a one-line
-    message, when there is no such model or it is not a GPT-2 this model can compute."""
-    print(f"loading weights from pretrained gpt: {name_or_path}")
-    config_path, weight_paths = hf_files(name_or_path)
-    try:
-        with open(config_path) as f:
-            config = gpt_config_from_hf(json.load(f), dropout or 0.0, dtype)
-    except ValueError as e:  # not JSON, or not a GPT-2
-        raise ValueError(f"{config_path}: {e}") from None
-    if name_or_path in GPT2_MODELS:
-        print(f"forcing vocab_size={config.vocab_size}, block_size={config.block_size}, bias=True")
-    if dropout is not None:
-        print(f"overriding dropout rate to {dropout}")
-    with contextlib.ExitStack() as stack:
-        params = params_from_hf(safetensors_reader(weight_paths, stack), config)
-    return config, params

@@ -30,13 +30,17 @@ if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")
 checks.check_sample_config(globals())
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import tiktoken
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import checkpoints
 import jax_train_utils as tu
-from jax_transformer import generate, from_pretrained
+from gpt2_weights import from_pretrained
+from jax_transformer import generate
 
 tu.configure_devices(device, cpu_devices, [(1, num_samples)])
 tu.use_compilation_cache(compilation_cache)
@@ -50,13 +54,14 @@ replicated = NamedSharding(mesh, P())
 
 # model
 try:
-    if init_from == 'resume':
-        checkpoint, config, params = tu.restore_model(out_dir, dtype, replicated)
+    if init_from == 'resume':  # this port's latest checkpoint, or nanoGPT's ckpt.pt when that is newer
+        checkpoint, config, params = checkpoints.load_params(out_dir, replicated)
     else:  # init from a given GPT-2 model
-        config, params = from_pretrained(init_from, dropout=0.0, dtype=dtype)
+        config, params = from_pretrained(init_from)
         params = jax.device_put(params, replicated)
 except ValueError as e:
     die(str(e))
+config = dataclasses.replace(config, dropout=0.0, dtype=dtype)
 
 # look for the meta pickle in case it is available in the dataset folder
 load_meta = False

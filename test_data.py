@@ -10,15 +10,12 @@ import sys
 import json
 import pickle
 import hashlib
-import subprocess
 import importlib.util
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.environ.get('NANOGPT_SHARED_DATA', os.path.join(REPO, '..', 'shared', 'data'))
-SHAKESPEARE = os.path.join(SHARED, 'tinyshakespeare', 'input.txt')
-TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken_cache')
+from conftest import REPO, SHARED, SHAKESPEARE, TIKTOKEN_CACHE, run_script
+
 OWT_JSONL = os.path.join(SHARED, 'owt_sample', 'sample.jsonl')
 OWT_TXT = os.path.join(SHARED, 'owt_sample', 'txt')
 
@@ -47,21 +44,10 @@ NANOGPT_SHA256 = {
 EOT = 50256
 
 
-def env(tmp_path):
-    e = dict(os.environ)
-    e['TIKTOKEN_CACHE_DIR'] = TIKTOKEN_CACHE
-    e['HF_DATASETS_OFFLINE'] = '1'
-    e['HF_HUB_OFFLINE'] = '1'
-    e['HF_DATASETS_CACHE'] = str(tmp_path / 'hf_cache')  # keep the user's HF cache clean
-    return e
-
-
 def run_prepare(name, tmp_path, *args):
-    script = os.path.join(REPO, 'data', name, 'prepare.py')
-    p = subprocess.run([sys.executable, script, *args], env=env(tmp_path),
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return p.stdout
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE, HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1',
+               HF_DATASETS_CACHE=str(tmp_path / 'hf_cache'))  # keep the user's HF cache clean
+    return run_script(os.path.join('data', name, 'prepare.py'), args, env).stdout
 
 
 def sha256(path):
@@ -126,11 +112,11 @@ def test_default_input_in_out_dir(tmp_path):
 
 def test_importable_prepare_and_download(tmp_path, monkeypatch):
     monkeypatch.setenv('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
+    monkeypatch.setattr(sys, 'path', list(sys.path))  # the script puts data/ on it: restored after the test
     spec = importlib.util.spec_from_file_location('shakespeare_prepare', os.path.join(REPO, 'data', 'shakespeare', 'prepare.py'))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     # the download helper, pointed at a file:// url instead of github
-    sys.path.insert(0, os.path.join(REPO, 'data'))
     from tiny_shakespeare import download
     download('file://' + os.path.abspath(SHAKESPEARE), str(tmp_path / 'input.txt'))
     assert sha256(tmp_path / 'input.txt') == sha256(SHAKESPEARE)
@@ -140,8 +126,9 @@ def test_importable_prepare_and_download(tmp_path, monkeypatch):
 
 def encoded_docs(texts):
     tiktoken = pytest.importorskip('tiktoken')
-    os.environ.setdefault('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
-    enc = tiktoken.get_encoding('gpt2')
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv('TIKTOKEN_CACHE_DIR', os.environ.get('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE))
+        enc = tiktoken.get_encoding('gpt2')
     return [tuple(enc.encode_ordinary(t)) + (EOT,) for t in texts]
 
 

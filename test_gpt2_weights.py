@@ -7,47 +7,26 @@ $ python -m pytest test_gpt2_weights.py -q
 """
 import os
 import re
-import sys
 import json
 import shutil
-import subprocess
-from functools import partial
 
 import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
 
+import checkpoints
 import jax_train_utils as tu
-from jax_transformer import GPT, GPTConfig, init_params, generate, from_pretrained
+from gpt2_weights import from_pretrained
+from jax_transformer import GPTConfig, init_params, generate
+from conftest import SHAKESPEARE, TIKTOKEN_CACHE, needs_shakespeare, run_script, model_logits
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
 tiktoken = pytest.importorskip('tiktoken')
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.environ.get('NANOGPT_SHARED_DATA', os.path.join(REPO, '..', 'shared', 'data'))
-SHAKESPEARE = os.path.join(SHARED, 'tinyshakespeare', 'input.txt')
-TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken_cache')
-needs_data = pytest.mark.skipif(not os.path.exists(SHAKESPEARE),
-                                reason=f"offline data not found at {SHARED} (set NANOGPT_SHARED_DATA)")
 STEP = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
-
-
-def env(**extra):
-    e = dict(os.environ, TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1',
-             JAX_PLATFORMS='cpu')
-    e.update(extra)
-    return e
-
-
-def run(script, *args, check=True, **extra_env):
-    p = subprocess.run([sys.executable, os.path.join(REPO, script), *args], env=env(**extra_env), cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
-    if check:
-        assert p.returncode == 0, p.stdout + p.stderr
-    return p
 
 
 def make_hf_gpt2(path, **kwargs):
@@ -92,26 +71,18 @@ def hub_cache(tmp_path_factory, gpt2_bpe):
 
 
 @pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
+def data_root(tmp_path_factory, script_env):
     if not os.path.exists(SHAKESPEARE):
-        pytest.skip(f"offline data not found at {SHARED} (set NANOGPT_SHARED_DATA)")
+        pytest.skip(f"offline data not found at {SHAKESPEARE} (set NANOGPT_SHARED_DATA)")
     root = tmp_path_factory.mktemp('data')
-    run('data/shakespeare/prepare.py', f'--input={SHAKESPEARE}', f'--out_dir={root / "shakespeare"}')
+    run_script('data/shakespeare/prepare.py', [f'--input={SHAKESPEARE}', f'--out_dir={root / "shakespeare"}'],
+               script_env)
     return str(root)
 
 
 def hf_logits(model, idx):
     with torch.no_grad():
         return model(torch.tensor(np.asarray(idx))).logits.numpy()
-
-
-@partial(jax.jit, static_argnums=0)
-def forward(config, params, idx):
-    return GPT(config).apply({'params': params}, idx, jnp.zeros_like(idx))[0]  # logits at every position
-
-
-def jax_logits(config, params, idx):
-    return np.asarray(forward(config, params, jnp.asarray(idx)))
 
 
 def hf_greedy(model, ids, max_new_tokens):
@@ -130,19 +101,19 @@ def jax_greedy(config, params, ids, max_new_tokens):
 # loading
 
 @pytest.mark.parametrize('which', ['gpt2_bpe', 'gpt2_gelu'])
-def test_load_folder_matches_transformers(which, request, capsys):
+def test_load_folder_matches_transformers(which, request):
     path, model = request.getfixturevalue(which)
     config, params = from_pretrained(path)
     hf = model.config
     assert (config.n_layer, config.n_head, config.n_embd, config.block_size, config.vocab_size, config.bias) == \
         (hf.n_layer, hf.n_head, hf.n_embd, hf.n_positions, hf.vocab_size, True)
     assert config.gelu_approximate == (hf.activation_function == 'gelu_new')
-    assert config.dropout == 0.0 and 'overriding dropout' not in capsys.readouterr().out
+    assert (config.dropout, config.dtype) == (0.0, 'float32')
     idx = np.random.default_rng(0).integers(0, config.vocab_size, (2, config.block_size))
-    np.testing.assert_allclose(jax_logits(config, params, idx), hf_logits(model, idx), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(model_logits(config, params, idx), hf_logits(model, idx), atol=1e-5, rtol=0)
 
 
-def test_load_openai_names_without_prefix(tmp_path, gpt2_gelu, capsys):
+def test_load_openai_names_without_prefix(tmp_path, gpt2_gelu):
     # OpenAI's files on the hub name GPT2Model's tensors, and hold the attention mask buffers
     from safetensors.numpy import save_file
     from safetensors import safe_open
@@ -152,9 +123,9 @@ def test_load_openai_names_without_prefix(tmp_path, gpt2_gelu, capsys):
     tensors['h.0.attn.bias'] = np.tril(np.ones((1, 1, 16, 16), np.float32))
     save_file(tensors, str(tmp_path / 'model.safetensors'))
     shutil.copy(os.path.join(path, 'config.json'), tmp_path)
-    config, params = from_pretrained(str(tmp_path), dropout=0.1)
-    assert 'overriding dropout rate to 0.1' in capsys.readouterr().out and config.dropout == 0.1
-    _, expected = from_pretrained(path)
+    config, params = from_pretrained(str(tmp_path))
+    expected_config, expected = from_pretrained(path)
+    assert config == expected_config
     jax.tree.map(np.testing.assert_array_equal, params, expected)
 
 
@@ -196,21 +167,22 @@ def test_greedy_generate_past_block_size(gpt2_gelu):
     assert out[:config.block_size] == hf_greedy(model, ids, config.block_size - len(ids))
     seq = list(ids)
     for _ in range(20):
-        logits = jax_logits(config, params, np.array([seq[-config.block_size:]]))
+        logits = model_logits(config, params, np.array([seq[-config.block_size:]]))
         seq.append(int(np.argmax(logits[0, -1])))
     assert out == seq
 
 
-@needs_data
+@needs_shakespeare
 @pytest.mark.parametrize('source', ['folder', 'hub'])
-def test_sample_script_greedy(source, gpt2_bpe, hub_cache, monkeypatch):
+def test_sample_script_greedy(source, gpt2_bpe, hub_cache, monkeypatch, script_env):
     path, model = gpt2_bpe
     monkeypatch.setenv('TIKTOKEN_CACHE_DIR', os.environ.get('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE))
     enc = tiktoken.get_encoding('gpt2')
     start = "To be, or not to be"
     init_from = path if source == 'folder' else 'gpt2'
-    p = run('sample_jax.py', f'--init_from={init_from}', '--top_k=1', '--num_samples=1', '--max_new_tokens=20',
-            f'--start={start}', '--device=cpu', '--dtype=float32', HF_HUB_CACHE=hub_cache)
+    p = run_script('sample_jax.py', [f'--init_from={init_from}', '--top_k=1', '--num_samples=1', '--max_new_tokens=20',
+                                     f'--start={start}', '--device=cpu', '--dtype=float32'],
+                   dict(script_env, HF_HUB_CACHE=hub_cache))
     if source == 'hub':
         assert "forcing vocab_size=50257, block_size=128, bias=True" in p.stdout
     expected = enc.decode(hf_greedy(model, enc.encode(start), 20))
@@ -225,27 +197,29 @@ def losses(stdout):
 
 
 def latest_meta(out_dir):
-    manager = tu.checkpoint_manager(out_dir)
-    return manager.latest_step(), tu.restore_meta(manager)
+    checkpoint = checkpoints.newest_checkpoint(checkpoints.checkpoint_manager(out_dir, read_only=True))
+    return checkpoint.step, checkpoint.meta
 
 
-def test_finetune_then_resume(gpt2_bpe, data_root, tmp_path):
+def test_finetune_then_resume(gpt2_bpe, data_root, tmp_path, script_env):
+    """Fine-tuning (dropout 0.1, a cropped block size) learns, and resumes from its own checkpoint."""
     path, _ = gpt2_bpe
     out = str(tmp_path / 'out')
     common = ['--dataset=shakespeare', f'--data_root={data_root}', f'--out_dir={out}', '--device=cpu',
               '--eval_interval=3', '--eval_iters=2', '--batch_size=2', '--block_size=64',
               '--gradient_accumulation_steps=1', '--always_save_checkpoint=True', '--learning_rate=1e-3',
-              '--decay_lr=False']
-    p = run('train_jax.py', f'--init_from={path}', '--max_iters=6', *common)
+              '--decay_lr=False', '--dropout=0.1']
+    p = run_script('train_jax.py', [f'--init_from={path}', '--max_iters=6', *common], script_env)
     assert f"Initializing from OpenAI GPT-2 weights: {path}" in p.stdout
+    assert "overriding dropout rate to 0.1" in p.stdout
     first = losses(p.stdout)
     assert sorted(first) == [0, 3, 6] and first[6][1] < first[0][1], p.stdout
     step, meta = latest_meta(out)
     assert step == 6
     assert meta['model_args'] == dict(n_layer=2, n_head=2, n_embd=32, block_size=64, bias=True,
-                                      vocab_size=50257, dropout=0.0, gelu_approximate=True)
+                                      vocab_size=50257, dropout=0.1, gelu_approximate=True)
 
-    p = run('train_jax.py', '--init_from=resume', '--max_iters=9', *common)
+    p = run_script('train_jax.py', ['--init_from=resume', '--max_iters=9', *common], script_env)
     assert f"Resuming training from {out}" in p.stdout
     assert re.findall(r"^iter (\d+):", p.stdout, re.M) == ['6', '7', '8', '9']
     resumed = losses(p.stdout)
@@ -255,18 +229,19 @@ def test_finetune_then_resume(gpt2_bpe, data_root, tmp_path):
     assert step == 9 and meta['model_args']['gelu_approximate'] is True
 
 
-def test_eval_only_matches_transformers(gpt2_bpe, data_root, tmp_path):
+def test_eval_only_matches_transformers(gpt2_bpe, data_root, tmp_path, script_env):
     path, model = gpt2_bpe
     batch_size, eval_iters, block_size, seed = 2, 3, 64, 1337
-    p = run('train_jax.py', f'--init_from={path}', '--eval_only=True', '--dataset=shakespeare',
-            f'--data_root={data_root}', f'--out_dir={tmp_path / "out"}', '--device=cpu', f'--batch_size={batch_size}',
-            f'--eval_iters={eval_iters}', f'--block_size={block_size}', f'--seed={seed}')
+    p = run_script('train_jax.py', [f'--init_from={path}', '--eval_only=True', '--dataset=shakespeare',
+                                    f'--data_root={data_root}', f'--out_dir={tmp_path / "out"}', '--device=cpu',
+                                    f'--batch_size={batch_size}', f'--eval_iters={eval_iters}',
+                                    f'--block_size={block_size}', f'--seed={seed}'], script_env)
     printed = losses(p.stdout)
     assert list(printed) == [0]
-    # train_jax.py's evaluation batches: streams 1 and 2 of iteration 0, eval_iters batches in one draw
+    # train_jax.py's evaluation batches: the evaluation streams of iteration 0, eval_iters batches in one draw
     for i, split in enumerate(['train', 'val']):
         data_path = os.path.join(data_root, 'shakespeare', f'{split}.bin')
-        starts = tu.batch_starts(data_path, seed, 0, 1 + i, (1, eval_iters * batch_size), block_size)
+        starts = tu.batch_starts(data_path, seed, 0, tu.EVAL_STREAMS[split], (1, eval_iters * batch_size), block_size)
         x, y = (np.asarray(a[0]) for a in tu.get_batch(tu.make_mesh(), data_path, starts, block_size))
         logits = torch.tensor(hf_logits(model, x))
         expected = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), torch.tensor(y).long().view(-1))
@@ -280,7 +255,7 @@ def test_eval_only_matches_transformers(gpt2_bpe, data_root, tmp_path):
     GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=False, gelu_approximate=False),
     GPTConfig(block_size=48, vocab_size=50304, n_layer=2, n_head=4, n_embd=32, bias=True, gelu_approximate=True),
 ], ids=['char_no_bias', 'padded_vocab'])
-def test_export_round_trip(config, tmp_path):
+def test_export_round_trip(config, tmp_path, script_env):
     import optax
     key = jax.random.key(0)
     params = init_params(config, key)
@@ -288,39 +263,38 @@ def test_export_round_trip(config, tmp_path):
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
     params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-    manager = tu.checkpoint_manager(str(tmp_path / 'out'))
-    model_args = {k: v for k, v in config.__dict__.items() if k != 'dtype'}
-    tu.save_checkpoint(manager, tu.create_train_state(config, params, optax.adamw(1e-3)),
-                       {'model_args': model_args, 'iter_num': 5, 'best_val_loss': 1.0, 'config': {}})
-    manager.wait_until_finished()
+    model_args = {k: v for k, v in config.__dict__.items() if k not in ('dtype', 'remat')}
+    checkpoints.save_checkpoint(checkpoints.checkpoint_manager(tmp_path / 'out'),
+                                tu.create_train_state(config, params, optax.adamw(1e-3)),
+                                {'model_args': model_args, 'iter_num': 5, 'best_val_loss': 1.0, 'config': {}})
 
     hf_dir = str(tmp_path / 'hf')
-    run('export_hf.py', f'--out_dir={tmp_path / "out"}', f'--hf_dir={hf_dir}')
+    run_script('export_hf.py', [f'--out_dir={tmp_path / "out"}', f'--hf_dir={hf_dir}'], script_env)
     model, info = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
     model.eval()
     assert model.config.activation_function == ('gelu_new' if config.gelu_approximate else 'gelu')
     idx = np.random.default_rng(0).integers(0, config.vocab_size, (2, config.block_size))
-    expected = jax_logits(config, params, idx)
+    expected = model_logits(config, params, idx)
     np.testing.assert_allclose(hf_logits(model, idx), expected, atol=1e-5, rtol=0)
     # and back: a bias=False model comes back with zero biases, computing the same
     loaded_config, loaded = from_pretrained(hf_dir)
-    np.testing.assert_allclose(jax_logits(loaded_config, loaded, idx), expected, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(model_logits(loaded_config, loaded, idx), expected, atol=1e-6, rtol=0)
 
 
 # -----------------------------------------------------------------------------
 # command line errors
 
 @pytest.mark.parametrize('init_from', ['/nonexistent', 'empty_folder', 'gpt2-medium'])
-def test_bad_init_from(init_from, tmp_path):
+def test_bad_init_from(init_from, tmp_path, script_env):
     if init_from == 'empty_folder':
         init_from = str(tmp_path / 'empty')
         os.mkdir(init_from)
     os.mkdir(tmp_path / 'tokens')  # a dataset, so that the script gets to loading the model
     for split in ('train', 'val'):
         np.zeros(1000, np.uint16).tofile(tmp_path / 'tokens' / f'{split}.bin')
-    p = run('train_jax.py', f'--init_from={init_from}', f'--out_dir={tmp_path / "out"}', '--device=cpu',
-            '--dataset=tokens', f'--data_root={tmp_path}', check=False,
-            HF_HUB_CACHE=str(tmp_path / 'hub'))  # an empty cache, offline
+    p = run_script('train_jax.py', [f'--init_from={init_from}', f'--out_dir={tmp_path / "out"}', '--device=cpu',
+                                    '--dataset=tokens', f'--data_root={tmp_path}'],
+                   dict(script_env, HF_HUB_CACHE=str(tmp_path / 'hub')), check=False)  # an empty cache, offline
     assert p.returncode == 2, p.stdout + p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith('error: '), p.stderr

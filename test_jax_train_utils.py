@@ -1,9 +1,12 @@
-"""Tests of jax_train_utils.py: LR schedule, weight decay mask, optimizer, accumulation, sharding."""
+"""Tests of jax_train_utils.py: LR schedule, weight decay mask, optimizer against torch's AdamW,
+gradient accumulation, evaluation, batches, MFU, 8 devices against 1 (replicated and FSDP)."""
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,10 +14,11 @@ import jax
 import jax.numpy as jnp
 
 import jax_train_utils as tu
-from jax_transformer import GPTConfig, init_params, param_paths
+from jax_transformer import GPT, GPTConfig, init_params, param_paths, estimate_mfu
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=True)
+train_step = tu.make_train_step()
 
 
 def nanogpt_lr(it, learning_rate=6e-4, warmup_iters=2000, lr_decay_iters=600000, min_lr=6e-5):
@@ -31,13 +35,22 @@ def nanogpt_lr(it, learning_rate=6e-4, warmup_iters=2000, lr_decay_iters=600000,
 @pytest.mark.parametrize('it', [0, 1, 999, 1999, 2000, 2001, 100000, 300000, 599999, 600000, 600001, 10**7])
 def test_lr_schedule_is_nanogpts(it):
     assert float(tu.get_lr(it, 6e-4, 2000, 600000, 6e-5)) == pytest.approx(nanogpt_lr(it), rel=1e-6)
+    assert float(tu.lr_schedule(6e-4, True, 2000, 600000, 6e-5)(it)) == pytest.approx(nanogpt_lr(it), rel=1e-6)
+    assert tu.lr_schedule(6e-4, False, 2000, 600000, 6e-5)(it) == 6e-4  # decay_lr=False
+
+
+def test_lr_schedule_without_a_decay_phase():
+    """lr_decay_iters == warmup_iters, where nanoGPT's get_lr divides by zero at that iteration: the
+    warmup reaches learning_rate there, and min_lr follows."""
+    lrs = [float(tu.get_lr(it, 1e-3, 10, 10, 1e-4)) for it in (0, 9, 10, 11, 100)]
+    np.testing.assert_allclose(lrs, [1e-3 / 11, 1e-3 * 10 / 11, 1e-3, 1e-4, 1e-4], rtol=1e-6)
 
 
 def test_lr_schedule_inside_the_optimizer_follows_the_step():
     """The optimizer's update at step `it` is scaled by get_lr(it): Adam's moments are zero and its
     step counters set to `it`, so one unit gradient gives a known update (weight decay off)."""
     params = {'w': jnp.ones((2, 2))}
-    tx = tu.configure_optimizer(params, 1e-3, 0.0, 0.9, 0.95, 0.0, True, 10, 100, 1e-4)
+    tx = tu.configure_optimizer(params, tu.lr_schedule(1e-3, True, 10, 100, 1e-4), 0.0, 0.9, 0.95, 0.0)
     for it in range(0, 120, 7):
         count_state = jax.tree.map(lambda x: jnp.full_like(x, it) if x.dtype == jnp.int32 else x, tx.init(params))
         updates, _ = tx.update({'w': jnp.ones((2, 2))}, count_state, params)
@@ -67,7 +80,7 @@ def test_optimizer_matches_torch_adamw_with_clipping():
     params = {'w': rng.normal(size=(4, 3)).astype(np.float32), 'b': rng.normal(size=(3,)).astype(np.float32)}
     grads = [{k: (5 * rng.normal(size=v.shape)).astype(np.float32) for k, v in params.items()} for _ in range(3)]
     lr, wd, clip = 1e-2, 0.1, 1.0
-    tx = tu.configure_optimizer(params, lr, wd, 0.9, 0.95, clip, False, 0, 0, 0.0)
+    tx = tu.configure_optimizer(params, tu.lr_schedule(lr, False, 0, 0, 0.0), wd, 0.9, 0.95, clip)
     p, opt_state = jax.tree.map(jnp.asarray, params), tx.init(params)
     tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
     topt = torch.optim.AdamW([{'params': [tp['w']], 'weight_decay': wd}, {'params': [tp['b']], 'weight_decay': 0.0}],
@@ -83,10 +96,10 @@ def test_optimizer_matches_torch_adamw_with_clipping():
         np.testing.assert_allclose(np.array(p[k]), tp[k].detach().numpy(), atol=1e-6)
 
 
-def make_state(grad_clip=1.0):
-    params = init_params(TINY, jax.random.key(0))
-    tx = tu.configure_optimizer(params, 1e-3, 0.1, 0.9, 0.95, grad_clip, True, 2, 10, 1e-4)
-    return tu.create_train_state(TINY, params, tx)
+def make_state(grad_clip=1.0, config=TINY):
+    params = init_params(config, jax.random.key(0))
+    tx = tu.configure_optimizer(params, tu.lr_schedule(1e-3, True, 2, 10, 1e-4), 0.1, 0.9, 0.95, grad_clip)
+    return tu.create_train_state(config, params, tx)
 
 
 def random_batch(n, seed=0):
@@ -96,12 +109,25 @@ def random_batch(n, seed=0):
     return x, y
 
 
+def whole_batch_gradient(state, x, y):
+    """The gradient of the mean loss over all rows of x, y (B, T) at once: no micro-steps."""
+    loss = lambda p: GPT(TINY).apply({'params': p}, x, y)[1]
+    return jax.jit(jax.grad(loss))(state.params)
+
+
 def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch():
+    """4 micro-batches of 2 rows make the update of one batch of 8, and their mean gradient is the
+    gradient of the whole batch's mean loss: Adam's first moment after one step is (1 - beta1) g,
+    unclipped (grad_clip 0), so a wrong 1/gradient_accumulation_steps shows in it."""
     x, y = random_batch(8)
     key = jax.random.key(1)
-    big, big_loss = tu.train_step(make_state(), x[None], y[None], key)  # GA=1, B=8
-    acc, acc_loss = tu.train_step(make_state(), x.reshape(4, 2, -1), y.reshape(4, 2, -1), key)  # GA=4, B=2
+    expected = whole_batch_gradient(make_state(), x, y)
+    big, big_loss = train_step(make_state(grad_clip=0.0), x[None], y[None], key)  # GA=1, B=8
+    acc, acc_loss = train_step(make_state(grad_clip=0.0), x.reshape(4, 2, -1), y.reshape(4, 2, -1), key)  # GA=4, B=2
     assert abs(float(big_loss) - float(acc_loss)) < 1e-6
+    for state in (big, acc):
+        for (path, mu), (_, g) in zip(param_paths(state.opt_state.mu), param_paths(expected)):
+            np.testing.assert_allclose(np.array(mu), 0.1 * np.array(g), rtol=1e-4, atol=1e-9, err_msg=str(path))
     for (path, a), (_, b) in zip(param_paths(big.params), param_paths(acc.params)):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6, err_msg=str(path))
     assert int(acc.step) == 1
@@ -112,27 +138,34 @@ def test_train_step_compiles_once_across_iterations():
     program must serve them all (a changed dtype, weak type or placement would compile again).
     The first state is built by a jitted create_train_state, as train_jax.py builds it."""
     params = init_params(TINY, jax.random.key(0))
-    tx = tu.configure_optimizer(params, 1e-3, 0.1, 0.9, 0.95, 1.0, True, 2, 10, 1e-4)
+    tx = tu.configure_optimizer(params, tu.lr_schedule(1e-3, True, 2, 10, 1e-4), 0.1, 0.9, 0.95, 1.0)
     state = jax.jit(tu.create_train_state, static_argnums=(0, 2))(TINY, params, tx)
-    compiled_before = tu.train_step._cache_size()
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kwargs: compiles.append(event) if event.endswith('backend_compile_duration') else None)
     for seed in range(4):
-        x, y = random_batch(6, seed)  # GA=3, B=2: a shape no other test compiles
-        state, loss = tu.train_step(state, x.reshape(3, 2, -1), y.reshape(3, 2, -1), jax.random.key(1))
+        x, y = random_batch(6, seed)
+        state, loss = train_step(state, x.reshape(3, 2, -1), y.reshape(3, 2, -1), jax.random.key(1))
         float(loss)
+        if seed == 0:  # the first step may compile (or find its program compiled by another test)
+            compiles.clear()
     assert int(state.step) == 4
-    assert tu.train_step._cache_size() == compiled_before + 1
+    assert compiles == []
 
 
-def test_dropout_is_keyed_by_step_and_off_in_eval():
-    config = GPTConfig(**{**TINY.__dict__, 'dropout': 0.5})
-    params = init_params(config, jax.random.key(0))
-    tx = tu.configure_optimizer(params, 1e-3, 0.1, 0.9, 0.95, 1.0, True, 2, 10, 1e-4)
-    x, y = random_batch(2)
-    fresh_state = lambda: tu.create_train_state(config, jax.tree.map(jnp.copy, params), tx)  # the step donates it
-    losses = [float(tu.train_step(fresh_state(), x[None], y[None], jax.random.key(k))[1]) for k in (0, 0, 1)]
-    assert losses[0] == losses[1] != losses[2]  # same key, same dropout; another key, another
-    state = tu.create_train_state(config, params, tx)
-    assert float(tu.eval_loss(state, x[None], y[None])) == float(tu.eval_loss(state, x[None], y[None]))
+def test_evaluation_is_the_loss_without_dropout():
+    """eval_loss of a dropout 0.5 model is the mean loss of the same weights with dropout 0, over
+    all batches; the train step's loss of that model is another, and depends on the dropout key."""
+    config = dataclasses.replace(TINY, dropout=0.5)
+    state = make_state(config=config)
+    x, y = random_batch(6)
+    x, y = x.reshape(3, 2, -1), y.reshape(3, 2, -1)
+    no_dropout = jax.jit(GPT(dataclasses.replace(TINY, dropout=0.0)).apply)
+    expected = np.mean([float(no_dropout({'params': state.params}, xb, yb)[1]) for xb, yb in zip(x, y)])
+    assert abs(float(tu.eval_loss(state, x, y)) - expected) < 1e-6
+    fresh_state = lambda: make_state(config=config)  # the step donates its state
+    losses = [float(train_step(fresh_state(), x, y, jax.random.key(k))[1]) for k in (0, 0, 1)]
+    assert losses[0] == losses[1] != losses[2] and abs(losses[0] - expected) > 1e-3
 
 
 def test_batches_are_windows_of_the_token_file(tmp_path):
@@ -150,6 +183,20 @@ def test_batches_are_windows_of_the_token_file(tmp_path):
     np.testing.assert_array_equal(tu.batch_starts(path, 1337, 5, 0, (64,), 16), starts.ravel())
     assert not np.array_equal(tu.batch_starts(path, 1337, 6, 0, (4, 16), 16), starts)
     assert not np.array_equal(tu.batch_starts(path, 1337, 5, 1, (4, 16), 16), starts)
+
+
+def test_mfu_and_the_peak_table():
+    """nanoGPT's MFU (PaLM's flops per token, 6N + 12 L H Q T, times the tokens of an iteration, per
+    second, over the peak), with the peak of the device in use, looked up by its kind."""
+    config = GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    flops_per_iter = (6 * 124e6 + 12 * 12 * 12 * 64 * 1024) * 1024 * 480
+    assert estimate_mfu(config, 124e6, 480, 1.5, 8 * 312e12) == pytest.approx(flops_per_iter / 1.5 / (8 * 312e12))
+    kinds = {'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100 PCIe': 756e12, 'NVIDIA A100-SXM4-40GB': 312e12,
+             'NVIDIA GeForce RTX 4090': 165e12, 'TPU v5 lite': 197e12, 'TPU v4': 275e12, 'a new accelerator': None}
+    for kind, peak in kinds.items():
+        assert tu.device_peak_flops(SimpleNamespace(platform='gpu', device_kind=kind)) == peak, kind
+    cpu = SimpleNamespace(platform='cpu', device_kind='cpu')
+    assert tu.device_peak_flops(cpu) == tu.CPU_PEAK_FLOPS_PER_CORE * os.cpu_count() / jax.local_device_count()
 
 
 @pytest.mark.parametrize('n_batches,batch_size,n_devices,layout', [
@@ -172,7 +219,7 @@ def test_batch_layout_says_what_would_work():
 MULTI_DEVICE = r"""
 import json, sys, numpy as np, jax
 from jax.sharding import NamedSharding, PartitionSpec as P
-import jax_train_utils as tu, test_jax_train_utils as t
+import jax_train_utils as tu, checkpoints, test_jax_train_utils as t
 from jax_transformer import GPTConfig, param_shapes, dropout_mask
 assert jax.device_count() == 8
 mesh = tu.make_mesh()
@@ -183,7 +230,7 @@ mask = lambda key: dropout_mask(key, (16, 4, 8, 30), 0.2)
 split_mask = jax.jit(mask, out_shardings=NamedSharding(mesh, P('data')))(jax.random.key(3))
 out = {'split_mask_is_whole': bool(np.array_equal(split_mask, jax.jit(mask)(jax.random.key(3))))}
 for mode in ('replicated', 'flat', 'fsdp'):  # XLA's all-reduces, one flat all-reduce, sharded state
-    state, fsdp = t.make_state(), mode == 'fsdp'
+    state, fsdp = t.make_state(grad_clip=0.0), mode == 'fsdp'
     sharding = tu.state_sharding(mesh, state, fsdp, fsdp_min_size=1024)
     state = jax.device_put(state, sharding)
     step = tu.make_train_step(sharding, None if mode == 'replicated' else mesh, fsdp)
@@ -197,19 +244,19 @@ for mode in ('replicated', 'flat', 'fsdp'):  # XLA's all-reduces, one flat all-r
                             ('wte', sharding.params['wte']['embedding']), ('ln_f', sharding.params['ln_f']['scale']),
                             ('mu', sharding.opt_state.mu['h_0']['mlp']['c_fc']['kernel'])]},
                      bytes=tu.bytes_per_device(state, sharding))
-    np.save(f'params_{mode}.npy', np.concatenate([np.ravel(p) for p in jax.tree.leaves(state.params)]))
+    for name, tree in (('params', state.params), ('mu', state.opt_state.mu)):
+        np.save(f'{name}_{mode}.npy', np.concatenate([np.ravel(p) for p in jax.tree.leaves(tree)]))
     if fsdp:  # an FSDP checkpoint restores replicated
-        manager = tu.checkpoint_manager('ckpt')
-        tu.save_checkpoint(manager, state, {'iter_num': 2})
-        manager.wait_until_finished()
-        abstract = jax.eval_shape(t.make_state)
+        manager = checkpoints.checkpoint_manager('ckpt')
+        checkpoints.save_checkpoint(manager, state, {'iter_num': 2})
+        abstract = jax.eval_shape(lambda: t.make_state(grad_clip=0.0))
         replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
-        restored = tu.restore_train_state(manager, abstract, 2, replicated)
+        restored = checkpoints.restore_train_state(manager, checkpoints.newest_checkpoint(manager), abstract, replicated)
         assert all(a.sharding.is_fully_replicated and np.array_equal(a, b)
                    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)))
 # gpt2-xl's params and AdamW state on 8 devices
 xl = GPTConfig(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50257, bias=True)
-tx = tu.configure_optimizer(param_shapes(xl), 6e-4, 0.1, 0.9, 0.95, 1.0, True, 2000, 600000, 6e-5)
+tx = tu.configure_optimizer(param_shapes(xl), tu.lr_schedule(6e-4, True, 2000, 600000, 6e-5), 0.1, 0.9, 0.95, 1.0)
 xl_state = jax.eval_shape(lambda p: tu.create_train_state(xl, p, tx), param_shapes(xl))
 out['xl'] = [tu.bytes_per_device(xl_state, tu.state_sharding(mesh, xl_state, fsdp, 2 ** 16)) for fsdp in (False, True)]
 print(json.dumps(out))
@@ -227,18 +274,21 @@ def test_eight_devices_replicated_or_fsdp_give_the_single_device_result(tmp_path
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.splitlines()[-1])
     assert result['split_mask_is_whole']
-    state, x, y = make_state(), *random_batch(16)
+    state, x, y = make_state(grad_clip=0.0), *random_batch(16)
     losses = []
     for i in range(2):
-        state, loss = tu.train_step(state, x.reshape(2 - i, -1, x.shape[-1]), y.reshape(2 - i, -1, y.shape[-1]),
-                                    jax.random.key(1))
+        state, loss = train_step(state, x.reshape(2 - i, -1, x.shape[-1]), y.reshape(2 - i, -1, y.shape[-1]),
+                                 jax.random.key(1))
         losses.append(float(loss))
     eval1 = float(tu.eval_loss(state, x.reshape(2, 8, -1), y.reshape(2, 8, -1)))
-    flat = np.concatenate([np.ravel(p) for p in jax.tree.leaves(state.params)])
+    flat = lambda tree: np.concatenate([np.ravel(p) for p in jax.tree.leaves(tree)])
     for mode in ('replicated', 'flat', 'fsdp'):
         np.testing.assert_allclose(result[mode]['losses'], losses, atol=1e-6, err_msg=mode)
         assert abs(result[mode]['eval'] - eval1) < 1e-6
-        np.testing.assert_allclose(np.load(tmp_path / f'params_{mode}.npy'), flat, atol=1e-6, err_msg=mode)
+        np.testing.assert_allclose(np.load(tmp_path / f'params_{mode}.npy'), flat(state.params), atol=1e-6, err_msg=mode)
+        # the scale of the unclipped gradients: Adam's first moments, (1 - beta1) g_1 + beta1 (1 - beta1) g_0
+        np.testing.assert_allclose(np.load(tmp_path / f'mu_{mode}.npy'), flat(state.opt_state.mu), rtol=1e-4,
+                                   atol=1e-9, err_msg=mode)
     assert all(spec == [] for spec in result['replicated']['specs'].values())
     # FSDP splits each big array along its largest dimension that 8 divides; small ones stay whole
     assert result['fsdp']['specs'] == {'c_fc': [None, 'data'], 'wte': ['data', None], 'ln_f': [], 'mu': [None, 'data']}
@@ -246,3 +296,18 @@ def test_eight_devices_replicated_or_fsdp_give_the_single_device_result(tmp_path
     replicated, sharded = result['xl']
     assert replicated == 3 * 4 * 1_557_611_200 + 2 * 4  # params, Adam's mu and nu in float32; 2 step counts
     assert sharded < replicated / 8 * 1.01, result['xl']
+
+
+def test_out_of_memory_message_offers_what_the_run_does_not_do_yet():
+    """The same line for a GPU's message, which names the size, and a TPU's, which does not; remat
+    helps the training step alone, fsdp needs several devices."""
+    gpu = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25769803776 bytes.")
+    assert tu.out_of_memory_message(gpu, 'the training step', 1_500_000_000, False, False, 8) == \
+        "out of memory in the training step (allocating 24.0 GiB, with 1.4 GiB of params and optimizer state per " \
+        "device): try a smaller --batch_size with more --gradient_accumulation_steps (the same tokens per " \
+        "iteration), or --remat=True, or --fsdp=True"
+    tpu = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.5G of 15.48G hbm.")
+    assert tu.out_of_memory_message(tpu, 'evaluation', 500 * 2**20, False, False, 1) == \
+        "out of memory in evaluation (RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm, with 500.0 MiB of " \
+        "params and optimizer state per device): try a smaller --batch_size with more " \
+        "--gradient_accumulation_steps (the same tokens per iteration)"

@@ -1,6 +1,9 @@
-"""Tests of jax_transformer.py: the model against Hugging Face's GPT-2, init, surgery, sampling.
+"""Tests of jax_transformer.py: the model against Hugging Face's GPT-2 (logits, loss, every gradient),
+sampling against nanoGPT's generate, init, surgery, dropout, dtypes. Only the tests that compare
+with PyTorch need torch and transformers; without them they are skipped, saying so.
 $ python test_jax_transformer.py   # these tests alone; python -m pytest runs them all
 """
+import dataclasses
 import math
 import sys
 from functools import partial
@@ -11,19 +14,32 @@ import jax
 import jax.numpy as jnp
 
 import jax_transformer
-from jax_transformer import (GPT, GPTConfig, Dropout, init_params, count_params, crop_block_size, params_from_hf,
-                             param_paths, hf_name, generate, sample_token, flops_per_token, cpu_matmul, dropout_mask,
-                             sorted_take)
-
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+from jax_transformer import (GPT, GPTConfig, Dropout, init_params, count_params, crop_block_size, param_paths,
+                             generate, sample_token, flops_per_token, cpu_matmul, dropout_mask, sorted_take)
+from conftest import nanogpt_model
 
 TINY = GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=48, bias=True)
+
+
+def randomized(params, key, scale=0.1):
+    """params with random LayerNorm and bias values too, so that every parameter matters."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape) if p.ndim == 1 else p
+                                     for p, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope='module')
+def params():
+    return randomized(init_params(TINY, jax.random.key(0)), jax.random.key(1))
 
 
 @pytest.fixture(scope='module')
 def hf_and_params():
     """A random tiny GPT-2 from transformers (exact GELU, as nanoGPT) and its weights in our model."""
+    torch = pytest.importorskip('torch', reason="the comparison with Hugging Face's GPT-2 needs torch")
+    transformers = pytest.importorskip('transformers', reason="the comparison with Hugging Face needs transformers")
+    from gpt2_weights import params_from_hf
     cfg = transformers.GPT2Config(vocab_size=TINY.vocab_size, n_positions=TINY.block_size, n_embd=TINY.n_embd,
                                   n_layer=TINY.n_layer, n_head=TINY.n_head, activation_function='gelu',
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -41,6 +57,8 @@ def hf_and_params():
 
 @pytest.mark.parametrize('take_tokens', ['take_tokens', 'sorted_take'])  # the CPU's lookup, and the GPU's
 def test_logits_loss_and_gradients_match_hugging_face(hf_and_params, take_tokens, monkeypatch):
+    import torch
+    from gpt2_weights import hf_name
     monkeypatch.setattr(jax_transformer, 'take_tokens', getattr(jax_transformer, take_tokens))
     hf, params = hf_and_params
     rng = np.random.default_rng(0)
@@ -117,8 +135,7 @@ def test_dropout_drops_at_the_rate_and_scales_the_rest():
     assert 0.25 < np.mean(keep != other) < 0.4  # another key, another mask: 2 * 0.2 * 0.8 differ
 
 
-def test_without_targets_only_the_last_position(hf_and_params):
-    _, params = hf_and_params
+def test_without_targets_only_the_last_position(params):
     idx = jnp.array(np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 10)))
     full, _ = GPT(TINY).apply({'params': params}, idx, jnp.zeros_like(idx))
     last, loss = GPT(TINY).apply({'params': params}, idx)
@@ -154,8 +171,7 @@ def test_bias_false_has_no_biases():
     assert not any(path[-1] == 'bias' for path, _ in param_paths(params))
 
 
-def test_crop_block_size_keeps_short_context_logits(hf_and_params):
-    _, params = hf_and_params
+def test_crop_block_size_keeps_short_context_logits(params):
     cropped, config = crop_block_size(params, TINY, 8)
     assert config.block_size == 8 and cropped['wpe']['embedding'].shape == (8, TINY.n_embd)
     idx = jnp.array(np.random.default_rng(2).integers(0, TINY.vocab_size, (2, 8)))
@@ -164,51 +180,35 @@ def test_crop_block_size_keeps_short_context_logits(hf_and_params):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@partial(jax.jit, static_argnums=1)
-def padded_logits_at(params, config, padded, t):
-    logits, _ = GPT(config).apply({'params': params}, padded, jnp.zeros_like(padded))
-    return jax.lax.dynamic_slice_in_dim(logits, t - 1, 1, axis=1)  # (B, 1, V)
-
-
-def no_cache_logits(params, config, idx):
-    """nanoGPT's forward for the next token, without a cache: the model over the last block_size
-    tokens. The window is right-padded to block_size so that one compiled forward serves every
-    length (causal attention: the padding cannot change the logits of the positions before it)."""
-    window = np.asarray(idx[:, -config.block_size:])
-    t = window.shape[1]
-    return padded_logits_at(params, config, jnp.asarray(np.pad(window, ((0, 0), (0, config.block_size - t)))), t)
-
-
-def reference_generate(params, config, idx, key, max_new_tokens, temperature, top_k, top_p):
-    """nanoGPT's generate: run the model on the last block_size tokens for every new token."""
-    keys = jax.random.split(key, max_new_tokens)
-    for i in range(max_new_tokens):
-        logits = no_cache_logits(params, config, idx)
-        idx = jnp.concatenate([idx, sample_token(logits, keys[i], temperature, top_k, top_p)[:, None]], axis=1)
-    return idx
-
-
-@pytest.mark.parametrize('prompt_len,max_new_tokens', [(5, 12), (20, 30), (40, 6)])
-def test_cached_generation_matches_nanogpt_generate(hf_and_params, prompt_len, max_new_tokens):
-    # (20, 30) goes past block_size 32 mid-way; (40, 6) starts with a prompt longer than block_size
-    _, params = hf_and_params
-    idx = jnp.array(np.random.default_rng(3).integers(0, TINY.vocab_size, (2, prompt_len)), dtype=jnp.int32)
+@pytest.mark.parametrize('prompt_len,max_new_tokens', [(20, 30), (40, 6)])
+def test_sampling_follows_nanogpts_generate(prompt_len, max_new_tokens, monkeypatch):
+    """The cached generation samples the tokens of nanoGPT's generate (its model.py, the same weights)
+    given the same random draws: torch.multinomial there draws with the Gumbel noise sample_token
+    adds to the logits here. (20, 30) fills the key/value cache, then slides nanoGPT's window past
+    block_size 32; (40, 6) starts with a prompt longer than block_size."""
+    import torch
+    from nanogpt_checkpoints import params_to_nanogpt
+    nanogpt = nanogpt_model()
+    torch.manual_seed(0)
+    model = nanogpt.GPT(nanogpt.GPTConfig(block_size=TINY.block_size, vocab_size=TINY.vocab_size, n_layer=2,
+                                          n_head=4, n_embd=48, bias=True, dropout=0.0)).eval()
+    params = randomized(init_params(TINY, jax.random.key(0)), jax.random.key(1), scale=0.5)
+    params = dict(params, wte={'embedding': params['wte']['embedding'] * 10})  # sharp logits: the top_k cut matters
+    weights = params_to_nanogpt(params)
+    model.load_state_dict({**{k: torch.from_numpy(v) for k, v in weights.items()},
+                           'lm_head.weight': torch.from_numpy(weights['transformer.wte.weight'])})
+    idx = np.random.default_rng(3).integers(0, TINY.vocab_size, (3, prompt_len))
     key = jax.random.key(7)
-    for temperature, top_k, top_p in ((1.0, 5, 1.0), (0.8, None, 1.0), (1.0, 20, 0.6)):
-        got = generate(params, TINY, idx, key, max_new_tokens, temperature, top_k, top_p)
-        want = reference_generate(params, TINY, idx, key, max_new_tokens, temperature, top_k, top_p)
-        np.testing.assert_array_equal(np.array(got), np.array(want))
-
-
-def test_greedy_cached_decoding_equals_full_forward_argmax(hf_and_params):
-    # top_k=1 is greedy: every token is the argmax of a full forward (no cache) over the last
-    # block_size tokens, before the cache is full (t < 32) and after (the sliding window)
-    _, params = hf_and_params
-    idx = jnp.array(np.random.default_rng(4).integers(0, TINY.vocab_size, (2, 3)), dtype=jnp.int32)
-    out = generate(params, TINY, idx, jax.random.key(0), 40, 1.0, 1)
-    for t in range(3, 43):
-        logits = no_cache_logits(params, TINY, out[:, :t])
-        np.testing.assert_array_equal(out[:, t], jnp.argmax(logits[:, -1], axis=-1), err_msg=f"position {t}")
+    for temperature, top_k in ((1.0, None), (0.7, 5), (1.5, 1)):  # top_k=1 is greedy
+        keys = jax.random.split(key, max_new_tokens)
+        draws = iter(np.asarray(jax.random.gumbel(k, (3, TINY.vocab_size))) for k in keys)
+        gumbel_max = lambda probs, num_samples: torch.argmax(torch.log(probs) + torch.from_numpy(next(draws)), -1,
+                                                             keepdim=True)
+        monkeypatch.setattr(torch, 'multinomial', gumbel_max)
+        with torch.no_grad():
+            want = model.generate(torch.tensor(idx), max_new_tokens, temperature, top_k).numpy()
+        got = generate(params, TINY, jnp.asarray(idx, jnp.int32), key, max_new_tokens, temperature, top_k)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"temperature {temperature}, top_k {top_k}")
 
 
 def test_top_p_keeps_the_fewest_tokens_adding_up_to_p():
@@ -222,6 +222,39 @@ def test_top_p_keeps_the_fewest_tokens_adding_up_to_p():
         np.testing.assert_allclose(freq, want, atol=0.03, err_msg=f"top_p {top_p}")
 
 
+def test_bfloat16_compute_is_float32_to_bfloat16_precision(params):
+    """dtype='bfloat16' (the default on GPUs and TPUs, and it runs on a CPU too): float32 params, the
+    products in bfloat16, the loss in float32; the loss, logits and gradients are float32's within
+    bfloat16's precision (8 bits of mantissa)."""
+    idx = jax.random.randint(jax.random.key(2), (2, TINY.block_size), 0, TINY.vocab_size)
+    targets = jax.random.randint(jax.random.key(3), (2, TINY.block_size), 0, TINY.vocab_size)
+
+    @partial(jax.jit, static_argnums=0)
+    def loss_and_grads(config):
+        (loss, logits), grads = jax.value_and_grad(
+            lambda p: GPT(config).apply({'params': p}, idx, targets)[::-1], has_aux=True)(params)
+        return loss, logits, grads
+    loss32, logits32, grads32 = loss_and_grads(TINY)
+    loss16, logits16, grads16 = loss_and_grads(dataclasses.replace(TINY, dtype='bfloat16'))
+    assert loss16.dtype == logits16.dtype == jnp.float32
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads16))
+    assert abs(float(loss16) - float(loss32)) < 0.02 and float(loss16) != float(loss32)
+    np.testing.assert_allclose(logits16, logits32, atol=0.05 * float(jnp.abs(logits32).max()))
+    for (path, g16), (_, g32) in zip(param_paths(grads16), param_paths(grads32)):
+        assert float(jnp.linalg.norm(g16 - g32)) < 0.05 * float(jnp.linalg.norm(g32)), path
+
+
+def test_remat_gives_the_same_gradients(params):
+    """remat=True recomputes each block in the backward pass: the same numbers, for less memory."""
+    idx = jax.random.randint(jax.random.key(2), (2, TINY.block_size), 0, TINY.vocab_size)
+    config = dataclasses.replace(TINY, dropout=0.1)
+    grads = {remat: jax.jit(jax.grad(lambda p: GPT(dataclasses.replace(config, remat=remat)).apply(
+        {'params': p}, idx, idx, deterministic=False, rngs={'dropout': jax.random.key(4)})[1]))(params)
+        for remat in (False, True)}
+    jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), grads[True], grads[False])
+
+
 if __name__ == '__main__':
+    # -rs: say which tests were skipped and why (those that compare with PyTorch, without torch).
     # pytest warns that it cannot rewrite the asserts of plugins this file's imports loaded first: harmless
-    sys.exit(pytest.main([__file__, '-W', 'ignore::pytest.PytestAssertRewriteWarning'] + sys.argv[1:]))
+    sys.exit(pytest.main([__file__, '-rs', '-W', 'ignore::pytest.PytestAssertRewriteWarning'] + sys.argv[1:]))

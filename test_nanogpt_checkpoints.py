@@ -7,14 +7,10 @@ nanoGPT's model.py is read from ../shared/reference/nanogpt.
 
 $ python -m pytest test_nanogpt_checkpoints.py -q
 """
-import hashlib
-import importlib.util
 import os
 import pickle
 import re
 import shutil
-import subprocess
-import sys
 from functools import partial
 from types import SimpleNamespace
 
@@ -23,19 +19,15 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+import checkpoints
 import jax_train_utils as tu
-from jax_transformer import GPT, GPTConfig, param_shapes, params_from_nanogpt, params_to_nanogpt
-from test_jax_train_utils import nanogpt_lr
+from jax_transformer import GPTConfig, param_shapes
+from nanogpt_checkpoints import read_nanogpt_checkpoint, params_from_nanogpt, params_to_nanogpt
+from conftest import run_script, file_hashes, model_logits, nanogpt_model
+from test_jax_train_utils import nanogpt_lr, train_step
 
 torch = pytest.importorskip('torch')
-
-REPO = os.path.dirname(os.path.abspath(__file__))
-NANOGPT = os.path.join(REPO, '..', 'shared', 'reference', 'nanogpt', 'model.py')
-if not os.path.exists(NANOGPT):
-    pytest.skip(f"nanoGPT's model.py not found at {NANOGPT}", allow_module_level=True)
-spec = importlib.util.spec_from_file_location('nanogpt_model', NANOGPT)
-nanogpt = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(nanogpt)
+nanogpt = nanogpt_model()
 
 # nanoGPT's train.py settings for the tiny runs: its lr schedule, AdamW and clipping
 SCHEDULE = dict(learning_rate=1e-3, warmup_iters=2, lr_decay_iters=20, min_lr=1e-4)
@@ -88,11 +80,6 @@ def nanogpt_logits(model, idx):
         return model(torch.tensor(idx).long(), torch.zeros(idx.shape, dtype=torch.long))[0].numpy()
 
 
-@partial(jax.jit, static_argnums=0)
-def forward(config, params, idx):
-    return GPT(config).apply({'params': params}, idx, jnp.zeros_like(idx))[0]
-
-
 def batch(data, block_size, seed):
     starts = np.random.default_rng(seed).integers(0, len(data) - block_size, BATCH)
     windows = np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64)
@@ -141,31 +128,11 @@ def root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope='module')
-def env(tmp_path_factory):
-    """The scripts' runs share a compilation cache: the same model compiles once for the module."""
-    return dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-
-
-def run(script, args, env, cwd=REPO, check=True):
-    p = subprocess.run([sys.executable, os.path.join(REPO, script)] + args, cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=300)
-    if check:
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return p
-
-
 def train_args(root, out_dir, *extra):
     return [f'--out_dir={out_dir}', f'--data_root={root / "data"}', '--dataset=chars', '--device=cpu',
             '--cpu_devices=1', '--block_size=32', f'--batch_size={BATCH}', '--gradient_accumulation_steps=1',
             '--eval_iters=2', '--eval_interval=4', '--dropout=0.0', '--decay_lr=False', '--learning_rate=3e-3',
             *extra]
-
-
-def file_hashes(folder):
-    return {os.path.relpath(os.path.join(d, f), folder): hashlib.sha256(open(os.path.join(d, f), 'rb').read()).digest()
-            for d, _, files in os.walk(folder) for f in files}
 
 
 STEP = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)$", re.M)
@@ -177,14 +144,14 @@ ITER = re.compile(r"^iter (\d+): loss ([\d.]+),", re.M)
 
 @pytest.mark.parametrize('name', RUNS)
 def test_loaded_model_gives_nanogpts_logits(name, root):
-    meta, params, _ = tu.read_nanogpt_checkpoint(str(root / name / 'ckpt.pt'), with_optimizer=False)
+    meta, params, _ = read_nanogpt_checkpoint(str(root / name / 'ckpt.pt'), with_optimizer=False)
     checkpoint, model, _ = nanogpt_resume(root / name / 'ckpt.pt', RUNS[name]['flash'])
     assert any(k.endswith('.attn.bias') for k in checkpoint['model']) == (not RUNS[name]['flash'])  # mask buffers
     assert meta['model_args'] == {**checkpoint['model_args'], 'gelu_approximate': False}
     assert (meta['iter_num'], meta['best_val_loss'], meta['config']) == (ITERS, 3.25, checkpoint['config'])
     config = GPTConfig(**meta['model_args'])
     idx = np.random.default_rng(1).integers(0, config.vocab_size, (2, config.block_size))
-    np.testing.assert_allclose(np.asarray(forward(config, params, jnp.asarray(idx))), nanogpt_logits(model, idx),
+    np.testing.assert_allclose(model_logits(config, params, jnp.asarray(idx)), nanogpt_logits(model, idx),
                                atol=1e-5, rtol=0)
 
 
@@ -192,15 +159,16 @@ def test_loaded_model_gives_nanogpts_logits(name, root):
 def test_next_update_is_torch_adamws(name, root):
     """From the checkpoint, one step of this port's optimizer (the schedule reading torch's step
     count) and one of nanoGPT's train.py on the same batch give the same loss and parameters."""
-    meta, params, opt_state = tu.read_nanogpt_checkpoint(str(root / name / 'ckpt.pt'))
-    assert int(opt_state.count) == ITERS
+    meta, params, (count, mu, nu) = read_nanogpt_checkpoint(str(root / name / 'ckpt.pt'))
+    assert int(count) == ITERS
     config = GPTConfig(**meta['model_args'])
-    tx = tu.configure_optimizer(params, SCHEDULE['learning_rate'], WEIGHT_DECAY, *BETAS, GRAD_CLIP, True,
-                                SCHEDULE['warmup_iters'], SCHEDULE['lr_decay_iters'], SCHEDULE['min_lr'])
+    schedule = tu.lr_schedule(SCHEDULE['learning_rate'], True, SCHEDULE['warmup_iters'], SCHEDULE['lr_decay_iters'],
+                              SCHEDULE['min_lr'])
+    tx = tu.configure_optimizer(params, schedule, WEIGHT_DECAY, *BETAS, GRAD_CLIP)
     before = jax.tree.map(np.asarray, params)  # the step donates the state
-    state = tu.create_train_state(config, params, tx).replace(opt_state=opt_state)
+    state = tu.create_train_state(config, params, tx).replace(opt_state=tu.AdamWState(jnp.asarray(count), mu, nu))
     x, y = batch(np.random.default_rng(2).integers(0, config.vocab_size, 1000), config.block_size, 0)
-    state, loss = tu.train_step(state, jnp.asarray(x[None], jnp.int32), jnp.asarray(y[None], jnp.int32),
+    state, loss = train_step(state, jnp.asarray(x[None], jnp.int32), jnp.asarray(y[None], jnp.int32),
                                 jax.random.key(0))
 
     _, model, optimizer = nanogpt_resume(root / name / 'ckpt.pt', RUNS[name]['flash'])
@@ -213,11 +181,11 @@ def test_next_update_is_torch_adamws(name, root):
     jax.tree.map(partial(np.testing.assert_allclose, atol=1e-5, rtol=0), state.params, expected)
 
 
-def test_sample_greedy_gives_nanogpts_tokens(root, env):
+def test_sample_greedy_gives_nanogpts_tokens(root, script_env):
     """sample_jax.py run where nanoGPT's sample.py runs (the dataset's meta.pkl under data/), greedy."""
     start = 'To be'
-    p = run('sample_jax.py', ['--out_dir=compiled', '--device=cpu', '--num_samples=1', '--max_new_tokens=20',
-                              '--top_k=1', f'--start={start}'], env, cwd=root)
+    p = run_script('sample_jax.py', ['--out_dir=compiled', '--device=cpu', '--num_samples=1', '--max_new_tokens=20',
+                              '--top_k=1', f'--start={start}'], script_env, cwd=root)
     assert "Loading meta from data/chars/meta.pkl" in p.stdout
     _, model, _ = nanogpt_resume(root / 'compiled' / 'ckpt.pt')
     model.eval()
@@ -227,12 +195,12 @@ def test_sample_greedy_gives_nanogpts_tokens(root, env):
 
 
 @pytest.fixture(scope='module')
-def resumed(root, env, tmp_path_factory):
+def resumed(root, script_env, tmp_path_factory):
     """The cropped run without biases, resumed here to iter 8, then from this port's checkpoint to 12."""
     out_dir = tmp_path_factory.mktemp('resumed')
     shutil.copy(root / 'plain' / 'ckpt.pt', out_dir)
-    first = run('train_jax.py', train_args(root, out_dir, '--init_from=resume', '--max_iters=8'), env).stdout
-    second = run('train_jax.py', train_args(root, out_dir, '--init_from=resume', '--max_iters=12'), env).stdout
+    first = run_script('train_jax.py', train_args(root, out_dir, '--init_from=resume', '--max_iters=8'), script_env).stdout
+    second = run_script('train_jax.py', train_args(root, out_dir, '--init_from=resume', '--max_iters=12'), script_env).stdout
     return out_dir, first, second
 
 
@@ -282,7 +250,7 @@ def check_nanogpt_takes_it(ckpt_path, meta, config, state):
     assert list(checkpoint['model']) == list(new_nanogpt(checkpoint['model_args']).state_dict())
     idx = np.random.default_rng(3).integers(0, config.vocab_size, (2, config.block_size))
     exact = GPTConfig(**{**meta['model_args'], 'gelu_approximate': False})  # nanoGPT's GELU
-    np.testing.assert_allclose(nanogpt_logits(model, idx), np.asarray(forward(exact, state.params, jnp.asarray(idx))),
+    np.testing.assert_allclose(nanogpt_logits(model, idx), model_logits(exact, state.params, jnp.asarray(idx)),
                                atol=1e-5, rtol=0)
     # the layout of nanoGPT's own optimizer: the same groups and keys
     own = new_nanogpt(checkpoint['model_args']).configure_optimizers(WEIGHT_DECAY, 1e-3, BETAS, 'cpu').state_dict()
@@ -302,25 +270,36 @@ def check_nanogpt_takes_it(ckpt_path, meta, config, state):
     assert optimizer.state[model.transformer.wte.weight]['step'].item() == int(state.opt_state.count) + 1
 
 
-def test_export_hands_a_resumed_run_back_to_nanogpt(resumed, env):
+def restored_state(out_dir):
+    """(metadata, GPTConfig, train state) of this port's checkpoint in out_dir, on the host."""
+    manager = checkpoints.checkpoint_manager(out_dir, read_only=True)
+    checkpoint = checkpoints.newest_checkpoint(manager, nanogpt=False)
+    config = GPTConfig(**checkpoint.meta['model_args'])
+    tx = tu.configure_optimizer(param_shapes(config), tu.lr_schedule(1e-3, False, 0, 0, 0.0), 0.1, 0.9, 0.95, 1.0)
+    abstract_state = jax.eval_shape(partial(tu.create_train_state, config, tx=tx), param_shapes(config))
+    on_host = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract_state)
+    return checkpoint.meta, config, checkpoints.restore_train_state(manager, checkpoint, abstract_state, on_host)
+
+
+def test_export_hands_a_resumed_run_back_to_nanogpt(resumed, script_env, tmp_path):
     """export_nanogpt.py writes the run resumed here over the ckpt.pt it came from, older than it."""
-    out_dir = resumed[0]
-    p = run('export_nanogpt.py', [f'--out_dir={out_dir}'], env)
+    out_dir = tmp_path / 'out'
+    shutil.copytree(resumed[0], out_dir)  # the fixture's files stay as they are, for the other tests
+    p = run_script('export_nanogpt.py', [f'--out_dir={out_dir}'], script_env)
     assert f"wrote iter 12 of {out_dir} to {out_dir}/ckpt.pt" in p.stdout
-    meta, config, state = tu.restore_state_on_host(tu.checkpoint_manager(str(out_dir), read_only=True), str(out_dir))
-    check_nanogpt_takes_it(out_dir / 'ckpt.pt', meta, config, state)
-    manager = tu.checkpoint_manager(str(out_dir), read_only=True)
-    assert tu.newest_nanogpt_checkpoint(manager) is None  # the same state: a resume here keeps this port's
+    check_nanogpt_takes_it(out_dir / 'ckpt.pt', *restored_state(out_dir))
+    manager = checkpoints.checkpoint_manager(out_dir, read_only=True)
+    assert checkpoints.newest_nanogpt_checkpoint(manager) is None  # the same state: a resume here keeps this port's
     os.utime(out_dir / 'ckpt.pt')  # as if nanoGPT had trained on and saved: then its ckpt.pt is the newest
-    assert tu.newest_nanogpt_checkpoint(manager) == f'{out_dir}/ckpt.pt'
+    assert checkpoints.newest_nanogpt_checkpoint(manager) == f'{out_dir}/ckpt.pt'
     before = file_hashes(out_dir)
-    p = run('export_nanogpt.py', [f'--out_dir={out_dir}'], env, check=False)
+    p = run_script('export_nanogpt.py', [f'--out_dir={out_dir}'], script_env, check=False)
     assert (p.returncode, p.stderr) == (2, f"error: {out_dir}/ckpt.pt is newer than the checkpoint of {out_dir} "
                                            f"(iter 12), which would replace it: write it elsewhere with --ckpt_dir\n")
     assert file_hashes(out_dir) == before
 
 
-def test_export_of_a_tanh_gelu_model(tmp_path, env):
+def test_export_of_a_tanh_gelu_model(tmp_path, script_env):
     """A model started from OpenAI's weights computes the tanh GELU: exported with a note, and
     nanoGPT's model gives the logits of its weights with the exact GELU."""
     config = GPTConfig(block_size=16, vocab_size=96, n_layer=2, n_head=2, n_embd=32, bias=True, gelu_approximate=True)
@@ -333,11 +312,9 @@ def test_export_of_a_tanh_gelu_model(tmp_path, env):
     model_args = {k: v for k, v in config.__dict__.items() if k not in ('dtype', 'remat')}
     run_config = dict(dataset='chars', learning_rate=1e-3, weight_decay=WEIGHT_DECAY, beta1=BETAS[0], beta2=BETAS[1])
     meta = {'model_args': model_args, 'iter_num': 7, 'best_val_loss': 4.5, 'config': run_config}
-    manager = tu.checkpoint_manager(str(tmp_path / 'out'))
-    tu.save_checkpoint(manager, state, meta)
-    manager.wait_until_finished()
+    checkpoints.save_checkpoint(checkpoints.checkpoint_manager(tmp_path / 'out'), state, meta)
 
-    p = run('export_nanogpt.py', [f'--out_dir={tmp_path / "out"}', f'--ckpt_dir={tmp_path / "nanogpt"}'], env)
+    p = run_script('export_nanogpt.py', [f'--out_dir={tmp_path / "out"}', f'--ckpt_dir={tmp_path / "nanogpt"}'], script_env)
     assert "note: this model computes the tanh GELU" in p.stdout
     check_nanogpt_takes_it(tmp_path / 'nanogpt' / 'ckpt.pt', meta, config, state)
 
@@ -376,7 +353,7 @@ BAD_FILES = {
 def test_bad_checkpoint_is_refused_in_one_line(kind, root, tmp_path):
     out_dir = bad_checkpoint(root, tmp_path, kind)
     with pytest.raises(ValueError) as e:
-        tu.read_nanogpt_checkpoint(f'{out_dir}/ckpt.pt')
+        read_nanogpt_checkpoint(f'{out_dir}/ckpt.pt')
     assert str(e.value) == BAD_FILES[kind].format(out=out_dir)
 
 
@@ -391,13 +368,13 @@ BAD_RUNS = [
 
 
 @pytest.mark.parametrize('kind,args,message', BAD_RUNS, ids=[b[0] for b in BAD_RUNS])
-def test_train_stops_with_one_line_and_writes_nothing(kind, args, message, root, env, tmp_path):
+def test_train_stops_with_one_line_and_writes_nothing(kind, args, message, root, script_env, tmp_path):
     out_dir = bad_checkpoint(root, tmp_path, kind)
     if kind == 'no_torch':  # a torch that cannot be imported, as when it is not installed
         (tmp_path / 'no_torch').mkdir()
-        (tmp_path / 'no_torch' / 'torch.py').write_text("raise ImportError('No module named torch')\n")
-        env = dict(env, PYTHONPATH=str(tmp_path / 'no_torch'))
+        (tmp_path / 'no_torch' / 'torch.py').write_text("raise ModuleNotFoundError(\"No module named 'torch'\")\n")
+        script_env = dict(script_env, PYTHONPATH=str(tmp_path / 'no_torch'))
     before = file_hashes(out_dir)
-    p = run('train_jax.py', train_args(root, out_dir, '--init_from=resume', *args), env, check=False)
+    p = run_script('train_jax.py', train_args(root, out_dir, '--init_from=resume', *args), script_env, check=False)
     assert (p.returncode, p.stderr) == (2, f"error: {message.format(out=out_dir)}\n")
     assert file_hashes(out_dir) == before

@@ -1,10 +1,8 @@
 """Tests of the command lines: configurator.py, train_jax.py, sample_jax.py and plot_jax.py end to
 end, torch_vs_jax_examples.py, and test_jax_transformer.py run as a script."""
-import csv
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -12,10 +10,7 @@ import numpy as np
 import pytest
 
 from configurator import configure
-
-REPO = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.environ.get('NANOGPT_SHARED_DATA', os.path.join(REPO, '..', 'shared', 'data'))
-SHAKESPEARE = os.path.join(SHARED, 'tinyshakespeare', 'input.txt')
+from conftest import REPO, SHARED, SHAKESPEARE, run_script, start_script, lines, metrics, reserved_port
 
 # nanoGPT README's command line for a CPU, then a smaller model and run so that the test is quick
 NANOGPT_CPU_ARGS = ['config/train_shakespeare_char.py', '--device=cpu', '--compile=False', '--eval_iters=20',
@@ -24,25 +19,6 @@ NANOGPT_CPU_ARGS = ['config/train_shakespeare_char.py', '--device=cpu', '--compi
 SMALL_ARGS = ['--block_size=32', '--batch_size=4', '--n_layer=2', '--n_head=2', '--n_embd=32', '--eval_iters=4',
               '--eval_interval=10', '--gradient_accumulation_steps=2', '--dropout=0.2', '--warmup_iters=5',
               '--lr_decay_iters=30', '--always_save_checkpoint=True']
-
-
-def run(script, args, check=True, **env):
-    env = dict(os.environ, JAX_PLATFORMS='cpu', **env)
-    out = subprocess.run([sys.executable, os.path.join(REPO, script)] + args, cwd=REPO, env=env,
-                         capture_output=True, text=True)
-    if check:
-        assert out.returncode == 0, out.stderr[-3000:]
-    return out
-
-
-def lines(stdout, prefix):
-    return [l for l in stdout.splitlines() if l.startswith(prefix)]
-
-
-def metrics(out_dir, columns=('iter', 'loss', 'train_loss', 'val_loss', 'lr')):
-    """The rows of out_dir/metrics.csv, in the given columns: by default those that do not depend on timing."""
-    with open(os.path.join(out_dir, 'metrics.csv'), newline='') as f:
-        return [[row[c] for c in columns] for row in csv.DictReader(f)]
 
 
 # -----------------------------------------------------------------------------
@@ -75,11 +51,11 @@ def data_root(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def one_go(data_root, tmp_path_factory):
+def one_go(data_root, tmp_path_factory, script_env):
     """20 iterations in one run, the data prepared on the way."""
     out_dir = tmp_path_factory.mktemp('one_go')
-    out = run('train_jax.py', NANOGPT_CPU_ARGS + SMALL_ARGS + [f'--data_root={data_root}', f'--out_dir={out_dir}',
-                                                               '--max_iters=20'])
+    out = run_script('train_jax.py', NANOGPT_CPU_ARGS + SMALL_ARGS + [f'--data_root={data_root}',
+                                                                      f'--out_dir={out_dir}', '--max_iters=20'], script_env)
     return out_dir, out.stdout
 
 
@@ -110,45 +86,47 @@ def test_training_prepares_data_learns_and_logs_like_nanogpt(one_go, data_root):
     assert float(rows[0][4]) == pytest.approx(1e-3 / 6, rel=1e-5)  # iter 0 of a 5-iteration warmup to 1e-3
 
 
-def test_resume_continues_exactly(one_go, data_root, tmp_path):
+def test_resume_continues_exactly(one_go, data_root, tmp_path, script_env):
     """Stopped at iter 10 and resumed, the run (dropout 0.2) prints the same losses as the run done
-    in one go; the resumed run loads the train step that the first one compiled."""
+    in one go; the resumed run loads the train and eval steps that the first one compiled from the
+    compilation cache (--compilation_cache), and compiles them no more."""
     _, stdout = one_go
     cache = tmp_path / 'xla_cache'
     common = NANOGPT_CPU_ARGS + SMALL_ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path / "out"}',
                                               f'--compilation_cache={cache}']
+    env = {k: v for k, v in script_env.items() if k != 'JAX_COMPILATION_CACHE_DIR'}  # the flag alone says where
     loss = lambda ls: [l.split(', time')[0] for l in ls]
-    first = run('train_jax.py', common + ['--max_iters=10']).stdout
+    first = run_script('train_jax.py', common + ['--max_iters=10'], env).stdout
     assert loss(lines(first, 'iter ')) == loss(lines(stdout, 'iter ')[:11])
     assert [r[0] for r in metrics(tmp_path / 'out')[-2:]] == ['10', '10']  # evaluated and logged past the checkpoint...
-    train_step = lambda: {p.name: p.read_bytes() for p in cache.glob('jit__train_step-*-atime')}
-    compiled = train_step()
-    assert len(compiled) == 1
-    resumed = run('train_jax.py', common + ['--max_iters=20', '--init_from=resume']).stdout
+    steps = lambda: {p.name: p.stat().st_mtime_ns for p in cache.glob('jit_*') if p.name.startswith(
+        ('jit__train_step-', 'jit_eval_loss-')) and not p.name.endswith('-atime')}
+    compiled = steps()
+    assert len(compiled) == 2
+    resumed = run_script('train_jax.py', common + ['--max_iters=20', '--init_from=resume'], env).stdout
     assert 'Resuming training from' in resumed
     assert lines(resumed, 'step ') == lines(stdout, 'step ')[1:]
     assert loss(lines(resumed, 'iter ')) == loss(lines(stdout, 'iter ')[10:])
     assert metrics(tmp_path / 'out') == metrics(one_go[0])  # ...rows that the resumed run replaced
-    loaded = train_step()
-    assert loaded.keys() == compiled.keys() and loaded != compiled  # no new entry; its last use is now
+    assert steps() == compiled  # the same programs: one compiled again would have been written again
 
 
-def test_eval_only_and_checkpoint_safety(one_go, data_root):
+def test_eval_only_and_checkpoint_safety(one_go, data_root, script_env):
     out_dir, stdout = one_go
     before = sorted(os.listdir(out_dir))
     args = NANOGPT_CPU_ARGS + SMALL_ARGS + [f'--data_root={data_root}', f'--out_dir={out_dir}']
-    evaluated = run('train_jax.py', args + ['--init_from=resume', '--eval_only=True']).stdout
+    evaluated = run_script('train_jax.py', args + ['--init_from=resume', '--eval_only=True'], script_env).stdout
     assert lines(evaluated, 'step ') == lines(stdout, 'step ')[-1:] and not lines(evaluated, 'iter ')
     # a new run from scratch must not touch the checkpoint that is there
-    out = run('train_jax.py', args, check=False)
+    out = run_script('train_jax.py', args, script_env, check=False)
     assert out.returncode == 2 and 'already holds a checkpoint (iter 20)' in out.stderr
     assert sorted(os.listdir(out_dir)) == before
 
 
-def test_sample_from_the_checkpoint(one_go):
+def test_sample_from_the_checkpoint(one_go, script_env):
     out_dir, _ = one_go
-    out = run('sample_jax.py', [f'--out_dir={out_dir}', '--device=cpu', '--num_samples=3', '--max_new_tokens=40',
-                                '--start=ROMEO:'])
+    out = run_script('sample_jax.py', [f'--out_dir={out_dir}', '--device=cpu', '--num_samples=3',
+                                       '--max_new_tokens=40', '--start=ROMEO:'], script_env)
     assert 'Loading meta from' in out.stdout
     samples = out.stdout.split('...\n', 1)[1].split('\n---------------\n')
     assert len(samples) == 4 and samples[3] == ''
@@ -156,10 +134,10 @@ def test_sample_from_the_checkpoint(one_go):
         assert text.startswith('ROMEO:') and len(text) == len('ROMEO:') + 40
 
 
-def test_plot_draws_the_loss_curves(one_go, tmp_path):
+def test_plot_draws_the_loss_curves(one_go, tmp_path, script_env):
     out_dir, _ = one_go
     shutil.copy(os.path.join(out_dir, 'metrics.csv'), tmp_path)
-    out = run('plot_jax.py', [f'--out_dir={tmp_path}', f'--out_dir={out_dir}'])  # two runs in tmp_path/loss.png
+    out = run_script('plot_jax.py', [f'--out_dir={tmp_path}', f'--out_dir={out_dir}'], script_env)  # two runs
     assert out.stdout == f"wrote {tmp_path / 'loss.png'}\n" and not os.path.exists(os.path.join(out_dir, 'loss.png'))
     png = (tmp_path / 'loss.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and png[16:24] == (800).to_bytes(4, 'big') + (550).to_bytes(4, 'big')
@@ -177,23 +155,21 @@ def numbers(stdout, prefix):
             for l in lines(stdout, prefix)}
 
 
-def test_same_losses_on_any_topology_and_resume_across_it(data_root, tmp_path):
+def test_same_losses_on_any_topology_and_resume_across_it(data_root, tmp_path, script_env):
     """With dropout 0 a run prints the same losses on 1 CPU device as on two processes of 2 devices
     each (jax.distributed, gloo collectives), whose checkpoint resumes on one process with 4 devices
     and FSDP-sharded params, again with the same losses."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
     args = NANOGPT_CPU_ARGS + SMALL_ARGS + [f'--data_root={data_root}', '--dropout=0.0']
-    one = run('train_jax.py', args + [f'--out_dir={tmp_path / "one"}', '--cpu_devices=1', '--max_iters=13']).stdout
+    one = run_script('train_jax.py', args + [f'--out_dir={tmp_path / "one"}', '--cpu_devices=1', '--max_iters=13'],
+                     script_env).stdout
     assert 'devices: 1 x cpu in 1 process(es), 2 micro-step(s) of 4 rows per device' in one
     multi = args + [f'--out_dir={tmp_path / "multi"}']
-    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, 'train_jax.py')] + multi + ['--max_iters=10'],
-                              cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=dict(os.environ, JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
-                                       JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i)))
-             for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    with reserved_port() as port:
+        procs = [start_script('train_jax.py', multi + ['--max_iters=10'],
+                              dict(script_env, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+                                   JAX_PROCESS_ID=str(i)))
+                 for i in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     log0, log1 = outs[0][0], outs[1][0]
@@ -201,7 +177,8 @@ def test_same_losses_on_any_topology_and_resume_across_it(data_root, tmp_path):
     assert 'tokens per iteration will be: 256' in log0 and 'tokens per iteration will be: 256' in one
     assert not lines(log1, 'iter ') and not lines(log1, 'step ')  # process 0 alone prints
     resume = ['--init_from=resume', '--max_iters=13', '--fsdp=True', '--fsdp_min_size=512']
-    resumed = run('train_jax.py', multi + resume, XLA_FLAGS='--xla_force_host_platform_device_count=4').stdout
+    four_devices = dict(script_env, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+    resumed = run_script('train_jax.py', multi + resume, four_devices).stdout
     assert 'devices: 4 x cpu in 1 process(es), 2 micro-step(s) of 1 rows per device, compute dtype float32, FSDP' \
         in resumed
     for prefix in ('iter ', 'step '):
@@ -211,8 +188,8 @@ def test_same_losses_on_any_topology_and_resume_across_it(data_root, tmp_path):
         np.testing.assert_allclose([got[i] for i in sorted(got)], [expected[i] for i in sorted(got)], atol=1e-4)
     # the samples are split over 4 devices, and are the same as on one
     sample = [f'--out_dir={tmp_path / "multi"}', '--device=cpu', '--num_samples=4', '--max_new_tokens=30']
-    on_4 = run('sample_jax.py', sample, XLA_FLAGS='--xla_force_host_platform_device_count=4').stdout
-    on_1 = run('sample_jax.py', sample + ['--cpu_devices=1']).stdout
+    on_4 = run_script('sample_jax.py', sample, four_devices).stdout
+    on_1 = run_script('sample_jax.py', sample + ['--cpu_devices=1'], script_env).stdout
     assert on_4 == on_1.replace('Overriding: cpu_devices = 1\n', '')
     assert on_4.count('---------------') == 4
 
@@ -220,12 +197,12 @@ def test_same_losses_on_any_topology_and_resume_across_it(data_root, tmp_path):
 # -----------------------------------------------------------------------------
 # the other scripts
 
-def test_torch_and_jax_examples_agree():
+def test_torch_and_jax_examples_agree(script_env):
     pytest.importorskip('torch')
-    out = run('torch_vs_jax_examples.py', [])
+    out = run_script('torch_vs_jax_examples.py', [], script_env)
     pairs = out.stdout.splitlines()
     assert len(pairs) == 11 and all(': ok, ' in line for line in pairs), out.stdout
-    assert pairs[-1].startswith('topk + multinomial -> jax.random.categorical: ok, both draw exactly the top 10')
+    assert pairs[-1].startswith('topk + multinomial -> Gumbel-max: ok, both draw exactly the top 10')
     # a pair that disagrees says so on its line and fails the script
     broken = subprocess.run([sys.executable, '-c', "import numpy as np, torch_vs_jax_examples as ex; "
                              "ex.main([('broken', lambda: ex.close(np.zeros(2), np.ones(2))), ex.PAIRS[0]])"],
@@ -234,9 +211,14 @@ def test_torch_and_jax_examples_agree():
     assert broken.stdout.splitlines()[1].startswith('nn.Linear -> nn.Dense (kernel = weight.T): ok')
 
 
-def test_the_model_tests_run_as_a_script():
-    """python test_jax_transformer.py runs its tests and prints pytest's summary (one of them here:
-    the whole file runs in the suite)."""
-    pytest.importorskip('torch')  # the file's tests need it
-    out = run('test_jax_transformer.py', ['-k', 'test_bias_false_has_no_biases'])
+def test_the_model_tests_run_as_a_script(script_env, tmp_path):
+    """python test_jax_transformer.py runs its tests and prints pytest's summary (two of them here:
+    the whole file runs in the suite); without torch, the tests comparing with PyTorch are skipped,
+    and the summary says why."""
+    out = run_script('test_jax_transformer.py', ['-k', 'test_bias_false_has_no_biases'], script_env)
     assert re.search(r'=+ 1 passed, \d+ deselected in [\d.]+s', out.stdout), out.stdout[-2000:]
+    (tmp_path / 'torch.py').write_text("raise ModuleNotFoundError(\"No module named 'torch'\")\n")  # not installed
+    no_torch = dict(script_env, PYTHONPATH=str(tmp_path))
+    out = run_script('test_jax_transformer.py', ['-k', 'hugging_face or bias_false'], no_torch)
+    assert re.search(r'=+ 1 passed, 2 skipped, \d+ deselected in [\d.]+s', out.stdout), out.stdout[-2000:]
+    assert "SKIPPED [2] test_jax_transformer.py:" in out.stdout and "needs torch" in out.stdout

@@ -29,6 +29,7 @@ from jax_transformer import GPTConfig, CausalSelfAttention, Dropout, dense, laye
 
 # compare on the CPU, where torch runs here: a GPU may do float32 products in TF32
 jax.config.update('jax_platforms', 'cpu')
+CONSTANT_LR = tu.lr_schedule(1e-2, False, 0, 0, 0.0)  # decay_lr=False: the learning rate at every step
 
 
 def t2j(tensor):
@@ -180,7 +181,7 @@ def adamw_decay_groups():
     for grads in grads_list:
         torch_step(tensors, optimizer, grads)
     mask = tu.decay_mask(params)
-    ours = jax_steps(tu.adamw(1e-2, 0.1, 0.9, 0.95, 0.0, mask), params, grads_list)
+    ours = jax_steps(tu.adamw(CONSTANT_LR, 0.1, 0.9, 0.95, 0.0, mask), params, grads_list)
     library = jax_steps(optax.adamw(1e-2, 0.9, 0.95, eps=1e-8, weight_decay=0.1, mask=mask), params, grads_list)
     torch_params = jax.tree.map(lambda t: t.detach().numpy(), tensors)
     diffs = [close(t, j) for tree in (ours, library) for t, j in zip(jax.tree.leaves(torch_params), jax.tree.leaves(tree))]
@@ -204,14 +205,14 @@ def clip_grad_norm():
 
     tensors, optimizer = torch_adamw(params, 1e-2, 0.1)
     torch_step(tensors, optimizer, grads, grad_clip=1.0)
-    ours = jax_steps(tu.adamw(1e-2, 0.1, 0.9, 0.95, 1.0, tu.decay_mask(params)), params, [grads])
+    ours = jax_steps(tu.adamw(CONSTANT_LR, 0.1, 0.9, 0.95, 1.0, tu.decay_mask(params)), params, [grads])
     step = max(close(t, j) for t, j in zip(jax.tree.leaves(tensors), jax.tree.leaves(ours)))
     return f"norm {float(norm):.2f} clipped to 1, gradients |diff| {diff:.1e}, clip + AdamW step |diff| {step:.1e}"
 
 
 def warmup_cosine_schedule():
     """nanoGPT computes get_lr(it) in Python and writes it into every param_group before each step;
-    here the schedule is a function of the optimizer's own step count, tu.get_lr, so it lives in
+    here the schedule is a function of the optimizer's own step count, tu.lr_schedule, so it lives in
     the optimizer state and resumes with it. (optax.warmup_cosine_decay_schedule warms up from
     step 0 to warmup_steps; nanoGPT's warmup is lr * (it + 1) / (warmup_iters + 1).)"""
     lr, warmup, decay_iters, min_lr = 1e-2, 5, 20, 1e-3
@@ -232,7 +233,7 @@ def warmup_cosine_schedule():
             group['lr'] = nanogpt_lr(it)
         torch_lrs.append(optimizer.param_groups[0]['lr'])
         torch_step(tensors, optimizer, grads)
-    schedule = lambda count: tu.get_lr(count, lr, warmup, decay_iters, min_lr)
+    schedule = tu.lr_schedule(lr, True, warmup, decay_iters, min_lr)
     close(np.array(torch_lrs), schedule(jnp.arange(25)), atol=1e-8)  # float32 against Python floats
     ours = jax_steps(tu.adamw(schedule, 0.1, 0.9, 0.95, 0.0, tu.decay_mask(params)), params, grads_list)
     diff = max(close(t, j) for t, j in zip(jax.tree.leaves(tensors), jax.tree.leaves(ours)))
@@ -304,8 +305,9 @@ def gradient_accumulation():
 
 def top_k_sampling():
     """nanoGPT's generate: torch.topk, the logits below the k-th set to -inf, softmax and
-    torch.multinomial. jax_transformer.sample_token masks the same way and draws with
-    jax.random.categorical from the logits. The draws of two generators differ: what must agree is
+    torch.multinomial. jax_transformer.sample_token masks the same way and draws from the logits by
+    the Gumbel-max trick (the argmax of the logits plus Gumbel noise is a draw from their softmax,
+    what jax.random.categorical does too). The draws of two generators differ: what must agree is
     which tokens can be drawn (the same top k) and how often each is drawn."""
     V, k, temperature, n = 50, 10, 0.8, 20_000
     torch.manual_seed(0)
@@ -335,7 +337,7 @@ PAIRS = [
     ('get_lr into param_groups -> a schedule of the step', warmup_cosine_schedule),
     ('nn.Dropout + manual_seed -> explicit keys', dropout_with_keys),
     ('backward per micro-step -> tu.mean_grads', gradient_accumulation),
-    ('topk + multinomial -> jax.random.categorical', top_k_sampling),
+    ('topk + multinomial -> Gumbel-max', top_k_sampling),
 ]
 
 

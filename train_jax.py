@@ -80,10 +80,6 @@ configure(globals(), sys.argv[1:])
 config = {k: globals()[k] for k in config_keys(globals())}  # will be useful for logging
 # -----------------------------------------------------------------------------
 
-GPT2_MODELS = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
-if init_from not in ('scratch', 'resume') + GPT2_MODELS and not os.path.isdir(init_from):
-    die(f"init_from={init_from!r}: use 'scratch', 'resume', one of {', '.join(GPT2_MODELS)} "
-        f"or an existing folder holding a Hugging Face GPT-2")
 if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"init_from='resume' but out_dir {out_dir!r} does not exist")
 checks.check_train_config(config)
@@ -92,9 +88,16 @@ checks.check_out_dir(out_dir)
 import jax
 from jax.experimental import multihost_utils
 
+import checkpoints
 import jax_train_utils as tu
-from jax_transformer import (GPTConfig, init_params, param_shapes, count_params, crop_block_size, estimate_mfu,
-                             from_pretrained)
+from gpt2_weights import GPT2_MODELS, from_pretrained
+from jax_transformer import (GPTConfig, ARCHITECTURE_KEYS, init_params, param_shapes, count_params,
+                             crop_block_size, estimate_mfu)
+from nanogpt_checkpoints import NANOGPT_CHECKPOINT
+
+if init_from not in ('scratch', 'resume') + GPT2_MODELS and not os.path.isdir(init_from):
+    die(f"init_from={init_from!r}: use 'scratch', 'resume', one of {', '.join(GPT2_MODELS)} "
+        f"or an existing folder holding a Hugging Face GPT-2")
 
 tu.configure_devices(device, cpu_devices, [(gradient_accumulation_steps, batch_size), (eval_iters, batch_size)])
 tu.use_compilation_cache(compilation_cache)
@@ -102,7 +105,7 @@ tu.init_distributed()
 master_process = jax.process_index() == 0  # this process does logging, checkpointing etc.
 if not eval_only:  # one training run per out_dir; eval_only reads the checkpoint alone, as sampling does
     try:
-        tu.lock_out_dir(out_dir)
+        checkpoints.lock_out_dir(out_dir)
     except ValueError as e:
         die(str(e))
 try:
@@ -148,7 +151,6 @@ def get_batch(split, iter_num, layout, stream):
 # init these up here, can override if init_from='resume' (i.e. from a checkpoint)
 iter_num = 0
 best_val_loss = 1e9
-nanogpt_checkpoint = None  # nanoGPT's ckpt.pt, when that is what this run resumes
 
 # attempt to derive vocab_size from the dataset
 meta_path = os.path.join(data_dir, 'meta.pkl')
@@ -161,13 +163,13 @@ if os.path.exists(meta_path):
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                   bias=bias, vocab_size=None, dropout=dropout,
                   gelu_approximate=False)  # start with model_args from command line
-manager = tu.checkpoint_manager(out_dir, read_only=eval_only)
+manager = checkpoints.checkpoint_manager(out_dir, read_only=eval_only)
 param_sharding = lambda config: tu.state_sharding(mesh, param_shapes(config), fsdp, fsdp_min_size)
 if init_from != 'resume' and manager.latest_step() is not None and not overwrite_checkpoint:
     die(f"out_dir {out_dir!r} already holds a checkpoint (iter {manager.latest_step()}): continue it with "
         f"--init_from=resume, choose another --out_dir, or replace it with --overwrite_checkpoint=True")
-if init_from != 'resume' and os.path.exists(os.path.join(out_dir, tu.NANOGPT_CHECKPOINT)) and not overwrite_checkpoint:
-    die(f"out_dir {out_dir!r} holds nanoGPT's checkpoint {tu.NANOGPT_CHECKPOINT}: continue it with "
+if init_from != 'resume' and os.path.exists(os.path.join(out_dir, NANOGPT_CHECKPOINT)) and not overwrite_checkpoint:
+    die(f"out_dir {out_dir!r} holds nanoGPT's checkpoint {NANOGPT_CHECKPOINT}: continue it with "
         f"--init_from=resume, choose another --out_dir, or train anew beside it with --overwrite_checkpoint=True")
 key = jax.random.key(seed)
 if init_from == 'scratch':
@@ -175,41 +177,34 @@ if init_from == 'scratch':
     if meta_vocab_size is None:
         print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
     model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
-    model_config = GPTConfig(**model_args, dtype=dtype)
+    model_config = GPTConfig(**model_args)
     params = jax.jit(init_params, static_argnums=0, out_shardings=param_sharding(model_config))(model_config, key)
 elif init_from == 'resume':
     print(f"Resuming training from {out_dir}")
-    nanogpt_checkpoint = tu.newest_nanogpt_checkpoint(manager)  # when newer than this port's checkpoint
-    try:
-        if nanogpt_checkpoint is not None:
-            print(f"reading nanoGPT's checkpoint {nanogpt_checkpoint}")
-            ckpt_meta, nanogpt_params, nanogpt_opt_state = tu.read_nanogpt_checkpoint(nanogpt_checkpoint)
-        else:
-            ckpt_meta = tu.restore_meta(manager)
+    try:  # this port's latest checkpoint, or nanoGPT's ckpt.pt when that is newer
+        checkpoint = checkpoints.newest_checkpoint(manager)
     except ValueError as e:
         die(str(e))
-    if ckpt_meta is None:
-        die(f"init_from='resume' but {out_dir!r} holds no checkpoint: train from scratch first, or point "
-            f"--out_dir at the run to resume")
-    checks.check_resume(ckpt_meta, block_size, meta_vocab_size, meta_path)
+    checks.check_resume(checkpoint.meta, block_size, meta_vocab_size, meta_path)
     # force these config attributes to be equal otherwise we can't even resume training
     # the rest of the attributes (e.g. dropout) can stay as desired from command line
-    for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'gelu_approximate']:
-        model_args[k] = ckpt_meta['model_args'][k]
-    model_config = GPTConfig(**model_args, dtype=dtype)
+    for k in ARCHITECTURE_KEYS:
+        model_args[k] = checkpoint.meta['model_args'][k]
+    model_config = GPTConfig(**model_args)
     params = None  # restored below, with the optimizer state
-    iter_num = ckpt_meta['iter_num']
-    best_val_loss = ckpt_meta['best_val_loss']
+    iter_num = checkpoint.meta['iter_num']
+    best_val_loss = checkpoint.meta['best_val_loss']
 else:
     print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
     try:
-        model_config, params = from_pretrained(init_from, dropout=dropout, dtype=dtype)
+        model_config, params = from_pretrained(init_from)
     except ValueError as e:
         die(str(e))
+    print(f"overriding dropout rate to {dropout}")
     if block_size > model_config.block_size:
         die(f"block_size={block_size} is larger than the block_size {model_config.block_size} of {init_from}")
     # read off the created config params, so we can store them into checkpoint correctly
-    for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'gelu_approximate']:
+    for k in ARCHITECTURE_KEYS:
         model_args[k] = getattr(model_config, k)
     params = jax.device_put(params, param_sharding(model_config))
 
@@ -217,7 +212,8 @@ else:
 if block_size < model_config.block_size:
     params, model_config = crop_block_size(params, model_config, block_size)
     model_args['block_size'] = block_size  # so that the checkpoint will have the right value
-model_config = dataclasses.replace(model_config, remat=remat)  # not a shape: not in the checkpoint
+# how this run computes, which is not in the checkpoint
+model_config = dataclasses.replace(model_config, dropout=dropout, dtype=dtype, remat=remat)
 
 # every token of the data must be in the model's vocabulary
 vocab_from = {'scratch': meta_path if meta_vocab_size else "GPT-2's, padded", 'resume': "the checkpoint's"}
@@ -227,21 +223,20 @@ for split in ('train', 'val'):
 
 # optimizer
 abstract_params = param_shapes(model_config)
-tx = tu.configure_optimizer(abstract_params, learning_rate, weight_decay, beta1, beta2, grad_clip,
-                            decay_lr, warmup_iters, lr_decay_iters, min_lr)
+get_lr = tu.lr_schedule(learning_rate, decay_lr, warmup_iters, lr_decay_iters, min_lr)
+tx = tu.configure_optimizer(abstract_params, get_lr, weight_decay, beta1, beta2, grad_clip)
 abstract_state = jax.eval_shape(partial(tu.create_train_state, model_config, tx=tx), abstract_params)
 state_sharding = tu.state_sharding(mesh, abstract_state, fsdp, fsdp_min_size)
-if nanogpt_checkpoint is not None:
-    if int(nanogpt_opt_state.count) != iter_num:  # nanoGPT's float16 loss scaling skips steps
-        print(f"note: the optimizer of {nanogpt_checkpoint} made {int(nanogpt_opt_state.count)} steps in "
+if init_from == 'resume':
+    if checkpoint.nanogpt is not None and int(checkpoint.nanogpt[1][0]) != iter_num:
+        # nanoGPT's float16 loss scaling skips steps
+        print(f"note: the optimizer of nanoGPT's checkpoint made {int(checkpoint.nanogpt[1][0])} steps in "
               f"{iter_num} iterations; the learning rate schedule follows its steps")
-    state = tu.train_state_at(abstract_state, iter_num, nanogpt_params, nanogpt_opt_state, state_sharding)
-    del nanogpt_params, nanogpt_opt_state  # now on the devices
-elif init_from == 'resume':
     try:
-        state = tu.restore_train_state(manager, abstract_state, iter_num, state_sharding)
+        state = checkpoints.restore_train_state(manager, checkpoint, abstract_state, state_sharding)
     except ValueError as e:
         die(str(e))
+    del checkpoint  # nanoGPT's weights, read on the host, are on the devices now
 else:
     # the params are donated: a second copy of gpt2-xl would cost 6 GB at start
     state = jax.jit(tu.create_train_state, static_argnums=(0, 2), out_shardings=state_sharding,
@@ -260,7 +255,7 @@ dropout_key = jax.random.fold_in(key, 1)
 def estimate_loss():
     """Mean loss over eval_iters batches of each split, dropout off, on all devices."""
     out = {}
-    for stream, split in ((1, 'train'), (2, 'val')):
+    for split, stream in tu.EVAL_STREAMS.items():
         x, y = get_batch(split, iter_num, eval_layout, stream)
         out[split] = float(tu.eval_loss(state, x, y))
     return out
@@ -273,7 +268,7 @@ def save_checkpoint():
     if master_process:
         print(f"saving checkpoint to {out_dir}")
     try:
-        tu.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
+        checkpoints.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
                                             'best_val_loss': best_val_loss, 'config': config})
     except OSError as e:
         last = manager.latest_step()
@@ -297,11 +292,6 @@ def out_of_memory(error, where):
     die(tu.out_of_memory_message(error, where, state_bytes, remat, fsdp, len(devices)), code=1)
 
 
-def get_lr(it):
-    """The learning rate of iteration it, as the optimizer schedules it."""
-    return float(tu.get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr)) if decay_lr else learning_rate
-
-
 # logging
 if wandb_log and master_process:
     import wandb
@@ -310,11 +300,11 @@ if wandb_log and master_process:
 # continues the file from its checkpoint's iteration, an eval_only run leaves it alone
 write_metrics = lambda **row: None
 if master_process and not eval_only:
-    write_metrics = tu.metrics_writer(out_dir, keep_before=iter_num if init_from == 'resume' else 0)
+    write_metrics = checkpoints.metrics_writer(out_dir, keep_before=iter_num if init_from == 'resume' else 0)
 
 # training loop
 # the training batches are read and moved to the devices on a background thread, two ahead
-train_batches = tu.prefetch(lambda it: get_batch('train', it, train_layout, 0), iter_num)
+train_batches = tu.prefetch(lambda it: get_batch('train', it, train_layout, tu.TRAIN_STREAM), iter_num)
 t0 = time.time()
 iters_timed = 0  # iterations since t0
 local_iter_num = 0  # number of iterations in the lifetime of this process
@@ -330,12 +320,13 @@ while True:
             out_of_memory(e, 'evaluation')
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            write_metrics(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=get_lr(iter_num))
+            write_metrics(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'],
+                          lr=float(get_lr(iter_num)))
         if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
             diverged(f"eval loss is {losses['train']} (train), {losses['val']} (val)")
         if wandb_log and master_process:
             wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
-                       "lr": get_lr(iter_num), "mfu": running_mfu * 100})
+                       "lr": float(get_lr(iter_num)), "mfu": running_mfu * 100})
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = losses['val']
             if local_iter_num > 0:  # not the state this run started from
@@ -366,7 +357,7 @@ while True:
             mfu = estimate_mfu(model_config, n_params, fwdbwd_per_iter, dt, peak_flops * len(devices))
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {running_mfu * 100:.2f}%")
-        write_metrics(iter=iter_num, loss=lossf, lr=get_lr(iter_num), time_ms=dt * 1000,
+        write_metrics(iter=iter_num, loss=lossf, lr=float(get_lr(iter_num)), time_ms=dt * 1000,
                       mfu_percent=running_mfu * 100 if running_mfu >= 0 else None)
     # a diverged run stops before it can save; every process looks, so that all of them stop
     if iter_num % log_interval == 0 and not math.isfinite(lossf):

@@ -1,0 +1,142 @@
+"""
+What the test files share: where the repository and the offline data are, running the scripts as
+a user does (in a subprocess, on the CPU, offline, with a compilation cache of the test session's
+own), the model's logits, file hashes, and the test order.
+
+$ python -m pytest -q                          # the whole suite
+$ python -m pytest -q --order=reverse          # modules, and the tests of each, in reverse order
+$ python -m pytest -q --order=shuffle:7        # shuffled with seed 7
+"""
+import contextlib
+import csv
+import functools
+import hashlib
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.environ.get('NANOGPT_SHARED_DATA', os.path.join(REPO, '..', 'shared', 'data'))
+SHAKESPEARE = os.path.join(SHARED, 'tinyshakespeare', 'input.txt')
+TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken_cache')
+needs_shakespeare = pytest.mark.skipif(not os.path.exists(SHAKESPEARE),
+                                       reason=f"offline data not found at {SHARED} (set NANOGPT_SHARED_DATA)")
+
+
+# -----------------------------------------------------------------------------
+# running the scripts
+
+@pytest.fixture(scope='session')
+def script_env(tmp_path_factory):
+    """The environment of the scripts the tests run: the CPU, offline, unbuffered output, and one
+    compilation cache for the session, in a temporary folder, so that the same small models compile
+    once (tests of the cache itself bring their own)."""
+    return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE,
+                HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', WANDB_MODE='offline',
+                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+
+
+def start_script(script, args, env, cwd=REPO, stdout=subprocess.PIPE):
+    """The script running in a subprocess, its output read as text."""
+    return subprocess.Popen([sys.executable, os.path.join(REPO, script)] + list(args), cwd=cwd, env=env, text=True,
+                            stdout=stdout, stderr=subprocess.PIPE)
+
+
+def run_script(script, args, env, cwd=REPO, check=True, timeout=300):
+    """The script run to its end: the subprocess.CompletedProcess; with check, it must succeed."""
+    p = subprocess.run([sys.executable, os.path.join(REPO, script)] + list(args), cwd=cwd, env=env, text=True,
+                       capture_output=True, timeout=timeout)
+    if check:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+@contextlib.contextmanager
+def reserved_port():
+    """A free TCP port of 127.0.0.1 for a coordinator of several processes, kept bound by this
+    process (SO_REUSEPORT) until the block ends, so that no other program takes it meanwhile; jax's
+    coordination service binds it too, with SO_REUSEPORT."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(('127.0.0.1', 0))
+        yield s.getsockname()[1]
+
+
+def lines(stdout, prefix):
+    return [line for line in stdout.splitlines() if line.startswith(prefix)]
+
+
+def metrics(out_dir, columns=('iter', 'loss', 'train_loss', 'val_loss', 'lr')):
+    """The rows of out_dir/metrics.csv, in the given columns: by default those that do not depend on timing."""
+    with open(os.path.join(out_dir, 'metrics.csv'), newline='') as f:
+        return [[row[c] for c in columns] for row in csv.DictReader(f)]
+
+
+def file_hashes(folder):
+    """{path relative to folder: sha256} of every file under folder."""
+    return {os.path.relpath(os.path.join(d, f), folder): hashlib.sha256(open(os.path.join(d, f), 'rb').read()).digest()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+@functools.cache
+def _jitted_logits(config):
+    import jax
+    import jax.numpy as jnp
+    from jax_transformer import GPT
+    return jax.jit(lambda params, idx: GPT(config).apply({'params': params}, idx, jnp.zeros_like(idx))[0])
+
+
+def model_logits(config, params, idx):
+    """The model's logits at every position of idx (B, T), as a NumPy array."""
+    import numpy as np
+    return np.asarray(_jitted_logits(config)(params, idx))
+
+
+def nanogpt_model():
+    """nanoGPT's own model.py (the module), read from ../shared/reference/nanogpt; the test is skipped
+    without it or without torch."""
+    import importlib.util
+    pytest.importorskip('torch')
+    path = os.path.join(REPO, '..', 'shared', 'reference', 'nanogpt', 'model.py')
+    if not os.path.exists(path):
+        pytest.skip(f"nanoGPT's model.py not found at {path}")
+    spec = importlib.util.spec_from_file_location('nanogpt_model', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -----------------------------------------------------------------------------
+# the order of the tests
+
+def pytest_addoption(parser):
+    parser.addoption('--order', default='', help="'reverse', or 'shuffle:SEED': the order of the modules and of "
+                                                  "the tests in each (the suite must pass in any)")
+
+
+def pytest_collection_modifyitems(config, items):
+    order = config.getoption('--order')
+    if not order:
+        return
+    modules = {}
+    for item in items:  # modules stay whole, so that their fixtures are made once
+        modules.setdefault(item.module.__name__, []).append(item)
+    groups = list(modules.values())
+    if order == 'reverse':
+        groups = [g[::-1] for g in groups[::-1]]
+    elif order.startswith('shuffle:'):
+        rng = random.Random(int(order.split(':')[1]))
+        rng.shuffle(groups)
+        for g in groups:
+            rng.shuffle(g)
+    else:
+        raise pytest.UsageError(f"--order={order}: use 'reverse' or 'shuffle:SEED'")
+    items[:] = [item for g in groups for item in g]
