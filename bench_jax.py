@@ -59,7 +59,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_train_utils as tu
-from jax_transformer import GPT, GPTConfig, init_params, count_params, flops_per_token, generate, sample_token
+from jax_transformer import GPT, GPTConfig, init_params, count_params, flops_per_token
+from jax_sampling import generate, sample_token
 
 tu.configure_devices(device, 1 if sample else cpu_devices, [(gradient_accumulation_steps, batch_size)])
 try:

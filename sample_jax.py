@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import checkpoints
 import jax_train_utils as tu
 from gpt2_weights import from_pretrained
-from jax_transformer import generate
+from jax_sampling import generate
 
 tu.configure_devices(device, cpu_devices, [(1, num_samples)])
 tu.use_compilation_cache(compilation_cache)

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import checkpoints
 import jax_train_utils as tu
 from gpt2_weights import from_pretrained
-from jax_transformer import GPTConfig, init_params, generate
+from jax_transformer import GPTConfig, init_params
+from jax_sampling import generate
 from conftest import SHAKESPEARE, TIKTOKEN_CACHE, needs_shakespeare, run_script, model_logits
 
 torch = pytest.importorskip('torch')

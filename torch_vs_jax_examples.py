@@ -5,9 +5,9 @@ a PyTorch training script becomes JAX; docs/torch_to_jax.md has the whole map.
 
 $ python torch_vs_jax_examples.py   # one line per pair; exit code 1 if any pair disagrees
 
-Where this project has the JAX side as a function (jax_transformer.py, jax_train_utils.py) the pair
-calls it, so what is checked is what train_jax.py and sample_jax.py run. Needs torch
-(pip install -r requirements-dev.txt).
+Where this project has the JAX side as a function (jax_transformer.py, jax_sampling.py,
+jax_train_utils.py) the pair calls it, so what is checked is what train_jax.py and sample_jax.py
+run. Needs torch (pip install -r requirements-dev.txt).
 """
 import math
 import sys
@@ -25,7 +25,8 @@ import flax.linen as nn
 import optax
 
 import jax_train_utils as tu
-from jax_transformer import GPTConfig, CausalSelfAttention, Dropout, dense, layer_norm, cross_entropy, sample_token
+from jax_transformer import GPTConfig, CausalSelfAttention, Dropout, dense, layer_norm, cross_entropy
+from jax_sampling import sample_token
 
 # compare on the CPU, where torch runs here: a GPU may do float32 products in TF32
 jax.config.update('jax_platforms', 'cpu')
@@ -305,7 +306,7 @@ def gradient_accumulation():
 
 def top_k_sampling():
     """nanoGPT's generate: torch.topk, the logits below the k-th set to -inf, softmax and
-    torch.multinomial. jax_transformer.sample_token masks the same way and draws from the logits by
+    torch.multinomial. jax_sampling.sample_token masks the same way and draws from the logits by
     the Gumbel-max trick (the argmax of the logits plus Gumbel noise is a draw from their softmax,
     what jax.random.categorical does too). The draws of two generators differ: what must agree is
     which tokens can be drawn (the same top k) and how often each is drawn."""
