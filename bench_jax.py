@@ -5,7 +5,7 @@ and prints compile time, ms/iter (median), tokens/s and MFU.
 
 $ python bench_jax.py config/train_shakespeare_char_cpu.py --compare_torch=True   # nanoGPT's CPU model
 $ python bench_jax.py --compare_torch=True        # GPT-2 124M, batch 12 x 1024, bf16 on a GPU
-$ python bench_jax.py --sample=True --device=cpu  # generate with and without the key/value cache
+$ python bench_jax.py --sample=True --device=cpu  # generate in one call, streamed, and without the key/value cache
 $ python bench_jax.py config/train_shakespeare_char_cpu.py --profile=True  # trace + top XLA ops
 """
 import glob
@@ -45,8 +45,10 @@ peak_flops = 0.0  # peak FLOP/s of one device, for MFU; 0.0: look it up (GPU/TPU
 profile = False  # write a jax.profiler trace of the timed steps to profile_dir, print the top ops
 profile_dir = 'bench_trace'
 compare_torch = False  # also time transformers' GPT2LMHeadModel, eager and torch.compile, interleaved
-sample = False  # instead of training: tokens/s of generate with and without the key/value cache
+sample = False  # instead of training: tokens/s of generate in one call, streamed, and without the key/value cache
 max_new_tokens = 500  # sample=True: tokens generated after a one-token prompt, batch of one
+stream_chunk = 8  # sample=True: tokens per device call when streamed, as sample_jax.py's
+sample_rounds = 3  # sample=True: timed generations in one call and streamed, alternated
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
@@ -60,7 +62,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_train_utils as tu
 from jax_transformer import GPT, GPTConfig, init_params, count_params, flops_per_token
-from jax_sampling import generate, sample_token
+from jax_sampling import generate, generate_stream, sample_token
 
 tu.configure_devices(device, 1 if sample else cpu_devices, [(gradient_accumulation_steps, batch_size)])
 try:
@@ -303,14 +305,27 @@ def no_cache_generate(params, idx, key, bucket=64):
 def bench_sampling(bucket=64):
     params = init_params(config, jax.random.key(seed))
     idx, key = np.zeros((1, 1), np.int32), jax.random.key(seed)
-    cached = lambda: generate(params, config, idx, key, max_new_tokens, 1.0, 200).block_until_ready()
-    cached()  # compiles
+    contenders = {  # both wait for the last token: generate returns NumPy, the stream yields the host's copy
+        'kv cache': lambda: generate(params, config, idx, key, max_new_tokens, 1.0, 200),
+        'kv cache, streamed': lambda: list(generate_stream(params, config, idx, 1, key, max_new_tokens, 1.0, 200,
+                                                           chunk=stream_chunk)),
+    }
+    for fn in contenders.values():
+        fn()  # compiles
     for length in range(bucket, min(1 + max_new_tokens + bucket, block_size + 1), bucket):
         no_cache_next_token(params, np.zeros((1, length), np.int32), 1, key).block_until_ready()  # compiles
-    times = {'kv cache': timed(cached), 'no cache': timed(lambda: no_cache_generate(params, idx, key, bucket))}
-    for name, dt in times.items():
-        print(f"{name}: {max_new_tokens} tokens in {dt:.2f} s, {max_new_tokens / dt:.1f} tokens/s")
-    print(f"kv cache / no cache: {times['no cache'] / times['kv cache']:.1f}x the tokens/s")
+    times = defaultdict(list)
+    for _ in range(sample_rounds):  # alternated, so that a busy machine slows both alike
+        for name, fn in contenders.items():
+            times[name].append(timed(fn))
+    times['no cache'].append(timed(lambda: no_cache_generate(params, idx, key, bucket)))
+    for name, dts in times.items():
+        dt = float(np.median(dts))
+        print(f"{name}: {max_new_tokens} tokens in {dt:.2f} s, {max_new_tokens / dt:.1f} tokens/s "
+              f"({', '.join(f'{t:.2f}' for t in dts)} s)")
+    one_call, streamed = (float(np.median(times[name])) for name in contenders)
+    print(f"streamed, {stream_chunk} tokens per call / one call: {streamed / one_call:.3f}x the time")
+    print(f"kv cache / no cache: {float(np.median(times['no cache'])) / one_call:.1f}x the tokens/s")
 
 
 if sample:

@@ -1,15 +1,33 @@
-"""Tests of jax_sampling.py: generation against nanoGPT's generate, nucleus sampling.
+"""Tests of jax_sampling.py: generation against nanoGPT's generate, in one call and in chunks, from
+a prompt buffer of any length; stop strings, on tiny models, one of them made to write a known text.
 $ python -m pytest -q test_jax_sampling.py
 """
+import os
+
 import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
 
-from jax_transformer import init_params
-from jax_sampling import generate, sample_token
-from conftest import nanogpt_model
+from jax_transformer import GPTConfig, init_params, param_shapes
+from jax_sampling import generate, generate_stream, printable_end, prompt_buffer, sample_token, stop_tables
+from conftest import TIKTOKEN_CACHE, nanogpt_model
 from test_jax_transformer import TINY, randomized
+
+GPT2_TINY = GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)  # GPT-2's vocabulary
+
+
+def numpy_params(config, seed, vector_std=0.0):
+    """Params of config's shapes drawn with NumPy, which compiles nothing (init_params compiles an
+    op per shape, seconds for GPT-2's vocabulary): weights N(0, 0.02), LayerNorm scales 1 and
+    biases 0, plus N(0, vector_std) noise."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        if len(leaf.shape) > 1:
+            return rng.normal(0.0, 0.02, leaf.shape).astype(np.float32)
+        return ((path[-1].key == 'scale') + rng.normal(0.0, vector_std, leaf.shape)).astype(np.float32)
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
 
 
 @pytest.mark.parametrize('prompt_len,max_new_tokens', [(20, 30), (40, 6)])
@@ -17,7 +35,8 @@ def test_sampling_follows_nanogpts_generate(prompt_len, max_new_tokens, monkeypa
     """The cached generation samples the tokens of nanoGPT's generate (its model.py, the same weights)
     given the same random draws: torch.multinomial there draws with the Gumbel noise sample_token
     adds to the logits here. (20, 30) fills the key/value cache, then slides nanoGPT's window past
-    block_size 32; (40, 6) starts with a prompt longer than block_size."""
+    block_size 32; (40, 6) starts with a prompt longer than block_size. The same in chunks from a
+    prompt padded to block_size, as prompt after prompt samples (a shape that fits any prompt)."""
     import torch
     from nanogpt_checkpoints import params_to_nanogpt
     nanogpt = nanogpt_model()
@@ -31,7 +50,7 @@ def test_sampling_follows_nanogpts_generate(prompt_len, max_new_tokens, monkeypa
                            'lm_head.weight': torch.from_numpy(weights['transformer.wte.weight'])})
     idx = np.random.default_rng(3).integers(0, TINY.vocab_size, (3, prompt_len))
     key = jax.random.key(7)
-    for temperature, top_k in ((1.0, None), (0.7, 5), (1.5, 1)):  # top_k=1 is greedy
+    for temperature, top_k in ((1.0, None), (1.5, 1), (0.7, 5)):  # top_k=1 is greedy
         keys = jax.random.split(key, max_new_tokens)
         draws = iter(np.asarray(jax.random.gumbel(k, (3, TINY.vocab_size))) for k in keys)
         gumbel_max = lambda probs, num_samples: torch.argmax(torch.log(probs) + torch.from_numpy(next(draws)), -1,
@@ -40,7 +59,13 @@ def test_sampling_follows_nanogpts_generate(prompt_len, max_new_tokens, monkeypa
         with torch.no_grad():
             want = model.generate(torch.tensor(idx), max_new_tokens, temperature, top_k).numpy()
         got = generate(params, TINY, jnp.asarray(idx, jnp.int32), key, max_new_tokens, temperature, top_k)
-        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"temperature {temperature}, top_k {top_k}")
+        np.testing.assert_array_equal(got, want, err_msg=f"temperature {temperature}, top_k {top_k}")
+    # the last draws again, in chunks of 4, from a prompt buffer that fits any prompt (block_size tokens)
+    prompt, length = prompt_buffer(idx, TINY.block_size)
+    *_, (tokens, step, _) = generate_stream(params, TINY, prompt, length, key, max_new_tokens, temperature, top_k,
+                                            chunk=4)
+    assert step == max_new_tokens
+    np.testing.assert_array_equal(tokens[:, length:length + max_new_tokens], want[:, prompt_len:])
 
 
 def test_top_p_keeps_the_fewest_tokens_adding_up_to_p():
@@ -52,3 +77,103 @@ def test_top_p_keeps_the_fewest_tokens_adding_up_to_p():
         want = np.zeros(4)
         want[kept] = np.exp(np.asarray(logits[0, 0]))[kept] / np.exp(np.asarray(logits[0, 0]))[kept].sum()
         np.testing.assert_allclose(freq, want, atol=0.03, err_msg=f"top_p {top_p}")
+
+
+# -----------------------------------------------------------------------------
+# stop strings
+
+def test_printable_end_holds_back_what_may_begin_a_stop_string():
+    stops = [b'\n\n', b'END']
+    prompt = b'>\n'  # the prompt's bytes come first; a stop string there does not count
+    assert printable_end(prompt + b'a\n', stops, 2, False) == (3, False)  # '\n' may begin '\n\n'
+    assert printable_end(prompt + b'a\nEN', stops, 2, False) == (4, False)  # 'EN' may begin 'END'
+    assert printable_end(prompt + b'a\nEN', stops, 2, True) == (6, True)  # the last token: all of it
+    assert printable_end(prompt + b'a\nEND\n\n', stops, 2, False) == (4, True)  # the first to begin
+    assert printable_end(prompt, stops, 2, False) == (2, False)  # the prompt's '\n' is not held back
+    assert printable_end(b'\n\n', stops, 2, False) == (2, False)
+    assert printable_end(b'\n\n\n', stops, 2, False) == (2, False)
+    assert printable_end(b'\n\n\n\n', stops, 2, False) == (2, True)
+
+
+# every token's bytes for TINY's 96 ids: tokens of several bytes, and the two bytes of 'é' apart and together
+SMALL_PIECES = [b'a', b'b', b'ab', b'ba', b'abc', b'\xc3', b'\xa9', b'c\xc3', b'\xc3\xa9', b'', b'c', b'cc']
+
+
+def test_each_row_stops_where_its_first_stop_string_ends():
+    """A row is done at the token where the first of its stop strings ends, inside a token or at its
+    end, begun tokens earlier; generation ends when every row is done, before max_new_tokens. The
+    reference: the same generation without stop strings (which follows nanoGPT's generate), its
+    bytes searched on the host."""
+    pieces = [SMALL_PIECES[i % len(SMALL_PIECES)] for i in range(TINY.vocab_size)]
+    stops = [b'bab', b'\xa9c']
+    params = numpy_params(TINY, 0, vector_std=0.1)
+    idx = np.random.default_rng(0).integers(0, TINY.vocab_size, (6, 4))
+    key, max_new_tokens = jax.random.key(3), 28  # all within block_size: the cache alone
+    unstopped = generate(params, TINY, idx, key, max_new_tokens)[:, 4:]
+    want, inside = [], []  # each row: the tokens generated when it is done; whether the stop ends inside a token
+    for row in unstopped:
+        text = b''.join(pieces[t] for t in row)
+        end = min(text.find(stop) + len(stop) for stop in stops if stop in text)
+        token_ends = np.cumsum([len(pieces[t]) for t in row])
+        want.append(int(np.searchsorted(token_ends, end)) + 1)
+        inside.append(end not in token_ends)
+    assert max(want) < max_new_tokens and any(inside) and not all(inside)
+    prompt, length = prompt_buffer(idx, 4)
+    for chunk in (1, None):
+        done_at = {}
+        for tokens, step, done in generate_stream(params, TINY, prompt, length, key, max_new_tokens,
+                                                  stops=stop_tables(pieces, stops), chunk=chunk):
+            done_at.update({row: step for row in np.flatnonzero(done) if row not in done_at})
+        assert step == max(want)  # the generation stopped there
+        np.testing.assert_array_equal(tokens[:, 4:4 + step], unstopped[:, :step])
+        if chunk == 1:
+            assert [done_at[row] for row in range(6)] == want
+
+
+@pytest.fixture(scope='module')
+def enc():
+    """GPT-2's encoding from the offline tiktoken cache."""
+    tiktoken = pytest.importorskip('tiktoken')
+    if not os.path.isdir(TIKTOKEN_CACHE):
+        pytest.skip(f"the tiktoken cache is not at {TIKTOKEN_CACHE} (set NANOGPT_SHARED_DATA)")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
+        return tiktoken.get_encoding('gpt2')
+
+
+@pytest.fixture(scope='module')
+def tape(enc):
+    """The tokens a tape model writes at positions 1, 2, ...: 'é' as its two bytes apart, and the
+    end-of-text token."""
+    e_acute = [enc.encode_single_token(b'\xc3'), enc.encode_single_token(b'\xa9')]
+    return enc.encode('Hi Hello') + e_acute + enc.encode(' world, ld\n\n') + [enc.eot_token] + enc.encode(' More text')
+
+
+def tape_params(config, tape):
+    """Params of a GPT that writes tape[p] at every position p >= 1, whatever came before: its blocks
+    add nothing (every c_proj is zero), and the embedding of position p - 1 points 10 times further
+    than anything else along an axis that, of all token embeddings (tied to the output), only
+    tape[p]'s has: a logit ~50 above all others."""
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, p: np.zeros_like(p) if 'c_proj' in jax.tree_util.keystr(path) else p, numpy_params(config, 0))
+    axis = {token: i for i, token in enumerate(dict.fromkeys(tape))}
+    assert len(axis) <= config.n_embd
+    wte, wpe = params['wte']['embedding'], np.zeros((config.block_size, config.n_embd), np.float32)
+    for token, i in axis.items():
+        wte[token] = 10 * np.eye(config.n_embd)[i]
+    for p in range(1, len(tape)):
+        wpe[p - 1] = 100 * np.eye(config.n_embd)[axis[tape[p]]]
+    return dict(params, wpe={'embedding': wpe})
+
+
+def test_end_of_text_stops_at_the_end_of_text_token(enc, tape):
+    """With GPT-2's vocabulary the stop string <|endoftext|> is the end-of-text token 50256; the rows
+    stop there and the generation ends, 8 tokens before max_new_tokens."""
+    pieces = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]
+    params = tape_params(GPT2_TINY, tape)
+    prompt, length = prompt_buffer(np.tile(enc.encode('Hi'), (2, 1)), 1)
+    for chunk in (4, None):
+        *_, (tokens, step, done) = generate_stream(params, GPT2_TINY, prompt, length, jax.random.key(0), 17,
+                                                   stops=stop_tables(pieces, [b'<|endoftext|>']), chunk=chunk)
+        assert step == tape.index(50256) == 9 and done.all()
+        np.testing.assert_array_equal(tokens[:, :1 + step], np.tile(tape[:10], (2, 1)))
