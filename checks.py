@@ -8,6 +8,7 @@ NumPy, so that most mistakes are reported before JAX is even imported.
 import difflib
 import os
 import pickle
+import re
 import tempfile
 
 import numpy as np
@@ -152,9 +153,25 @@ def check_vocab_size(meta_path, meta_vocab_size, model_vocab_size, advice):
 # -----------------------------------------------------------------------------
 # sampling
 
-def check_start_chars(start, stoi, meta_path):
-    """Every character of the start text is in the character vocabulary stoi of meta_path."""
-    unknown = sorted(set(start) - set(stoi))
+def start_text_error(start, stoi, meta_path):
+    """Why the start text cannot be sampled from, or None: it is empty, or has characters that are
+    not in the character vocabulary stoi of meta_path (None: GPT-2's encoding, which has them all)."""
+    if not start:
+        return "the start text is empty"
+    unknown = sorted(set(start) - set(stoi)) if stoi is not None else []
     if unknown:
-        die(f"the start text has characters that are not in the vocabulary of {meta_path}: "
-            f"{' '.join(map(repr, unknown[:10]))}: write it with the dataset's characters")
+        return (f"the start text has characters that are not in the vocabulary of {meta_path}: "
+                f"{' '.join(map(repr, unknown[:10]))}: write it with the dataset's characters")
+    return None
+
+
+def stop_strings(stop):
+    """The stop strings of the stop key: a string of them separated by | (not the | of <|endoftext|>
+    and the like), or a list from a config file; '' is none."""
+    stops = (re.split(r'(?<!<)\|(?!>)', stop) if stop else []) if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+        die(f"stop={stop!r} is not allowed: stop is a string, several separated by |, or a list of strings")
+    if '' in stops:
+        die(f"stop={stop!r} has an empty stop string, where every sample would end at once: "
+            f"separate the stop strings with single | and give none at either end")
+    return list(stops)

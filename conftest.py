@@ -41,10 +41,11 @@ def script_env(tmp_path_factory):
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
 
 
-def start_script(script, args, env, cwd=REPO, stdout=subprocess.PIPE):
-    """The script running in a subprocess, its output read as text."""
+def start_script(script, args, env, cwd=REPO, stdout=subprocess.PIPE, stdin=None):
+    """The script running in a subprocess, its output read as text (its input written as text, with
+    stdin=subprocess.PIPE)."""
     return subprocess.Popen([sys.executable, os.path.join(REPO, script)] + list(args), cwd=cwd, env=env, text=True,
-                            stdout=stdout, stderr=subprocess.PIPE)
+                            stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
 
 
 def run_script(script, args, env, cwd=REPO, check=True, timeout=300):

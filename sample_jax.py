@@ -1,7 +1,10 @@
 """
 Sample from a trained model
 $ python sample_jax.py --out_dir=out-shakespeare-char
+$ python sample_jax.py --init_from=gpt2 --stop='<|endoftext|>' --stream=True --num_samples=1
+$ printf 'To be\nor not\n' | python sample_jax.py --out_dir=out-shakespeare-char --interactive=True
 """
+import codecs
 import os
 import sys
 
@@ -17,6 +20,10 @@ max_new_tokens = 500  # number of tokens generated in each sample
 temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, in the predictions
 top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability
 top_p = 1.0  # then only the fewest most likely tokens whose probabilities add up to top_p (1.0 = off)
+stop = ''  # end each sample before the first of these it writes: several separated by |, or a list ('' = none)
+stream = False  # print the samples as they are written, one after the other, instead of all at the end
+stream_chunk = 8  # tokens per device call when streaming (fewer: smoother, more calls)
+interactive = False  # load once, then sample each line of stdin as the start text, streamed, until its end
 seed = 1337
 cpu_devices = 0  # on CPU, the JAX devices the cores become: 0 one per core (as num_samples splits), 1 turns it off
 device = 'cuda'  # 'cpu' forces the CPU; any other value uses the GPU/TPU when present, else the CPU
@@ -29,18 +36,21 @@ configure(globals(), sys.argv[1:])
 if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")
 checks.check_sample_config(globals())
+stops = [s.encode('utf-8') for s in checks.stop_strings(stop)]
+if interactive and sys.stdin is None:  # started with stdin closed (<&-), not merely empty
+    die("interactive=True reads the start texts from stdin, which is closed: pipe them in or type them")
 
 import dataclasses
 
+import numpy as np
 import jax
-import jax.numpy as jnp
 import tiktoken
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import checkpoints
 import jax_train_utils as tu
 from gpt2_weights import from_pretrained
-from jax_sampling import generate
+from jax_sampling import generate_stream, printable_end, prompt_buffer, stop_tables
 
 tu.configure_devices(device, cpu_devices, [(1, num_samples)])
 tu.use_compilation_cache(compilation_cache)
@@ -80,31 +90,64 @@ if load_meta:
                             "the dataset was prepared again since the model was trained")
     stoi, itos = meta['stoi'], meta['itos']
     encode = lambda s: [stoi[c] for c in s]
-    decode = lambda l: ''.join([itos[i] for i in l])
+    pieces = [itos[i].encode('utf-8') for i in range(config.vocab_size)]
 else:
     # ok let's assume gpt-2 encodings by default
     print("No meta.pkl found, assuming GPT-2 encodings...")
+    stoi = None
     enc = tiktoken.get_encoding("gpt2")
     encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
-    decode = lambda l: enc.decode([i for i in l if i < enc.n_vocab])  # the padded vocab's extra ids are not text
+    pieces = [enc.decode_single_token_bytes(i) if i < enc.n_vocab else b'' for i in range(config.vocab_size)]
+# a sample's text is the UTF-8 of its tokens' bytes (pieces), printed a whole character at a time (a BPE token can
+# end inside one); the device looks for the stop strings in those bytes, so that a batch ends once all have stopped
+stop_table = stop_tables(pieces, stops) if stops else None
+batch_sharding = NamedSharding(mesh, P('data' if num_samples % jax.device_count() == 0 else None))
 
-# encode the beginning of the prompt
-if start.startswith('FILE:'):
-    try:
-        with open(start[5:], 'r', encoding='utf-8') as f:
-            start = f.read()
-    except OSError as e:
-        die(f"cannot read the prompt file {start[5:]}: {e.strerror}")
-if load_meta:
-    checks.check_start_chars(start, stoi, meta_path)
-start_ids = encode(start)
-if not start_ids:
-    die("the start text is empty")
 
-# run generation: all samples as one batch, compiled once, split over the devices when they divide it
-x = jnp.tile(jnp.array(start_ids, dtype=jnp.int32)[None, :], (num_samples, 1))
-x = jax.device_put(x, NamedSharding(mesh, P('data' if num_samples % jax.device_count() == 0 else None)))
-y = generate(params, config, x, jax.random.key(seed), max_new_tokens, temperature, top_k, top_p)
-for row in jax.device_get(y):
-    print(decode(row.tolist()))
-    print('---------------')
+def sample(start_ids):
+    """Print num_samples samples of start_ids, generated as one batch, each as soon as its text is
+    final: when streaming, the first as it is written, then each next one from where the batch is
+    when the one before ends."""
+    # prompt after prompt fills one buffer of block_size tokens, so as to compile once for all
+    size = config.block_size if interactive else min(len(start_ids), config.block_size)
+    prompt, length = prompt_buffer(start_ids, size)
+    prompt = jax.device_put(np.tile(prompt, (num_samples, 1)), batch_sharding)
+    start_bytes = b''.join(pieces[i] for i in start_ids)
+    row, printed, utf8 = 0, 0, codecs.getincrementaldecoder('utf-8')('replace')
+    for tokens, step, done in generate_stream(params, config, prompt, length, jax.random.key(seed), max_new_tokens,
+                                              temperature, top_k, top_p, stop_table,
+                                              stream_chunk if stream or interactive else None):
+        while row < num_samples:
+            text = start_bytes + b''.join(pieces[i] for i in tokens[row, length:length + step])
+            end, ended = printable_end(text, stops, len(start_bytes), done[row] or step == max_new_tokens)
+            print(utf8.decode(text[printed:end], final=ended), end='\n' if ended else '', flush=True)
+            printed = end
+            if not ended:
+                break
+            print('---------------')
+            row, printed = row + 1, 0
+
+
+if interactive:
+    while True:
+        try:
+            text = input('> ' if sys.stdin.isatty() else '')
+        except EOFError:  # the end of stdin, even before any line, is the end of the session (exit 0)
+            break
+        error = checks.start_text_error(text, stoi, meta_path)
+        if error:  # say why, and read the next one
+            print(f"error: {error}", file=sys.stderr)
+        else:
+            sample(encode(text))
+else:
+    # encode the beginning of the prompt
+    if start.startswith('FILE:'):
+        try:
+            with open(start[5:], 'r', encoding='utf-8') as f:
+                start = f.read()
+        except OSError as e:
+            die(f"cannot read the prompt file {start[5:]}: {e.strerror}")
+    error = checks.start_text_error(start, stoi, meta_path)
+    if error:
+        die(error)
+    sample(encode(start))

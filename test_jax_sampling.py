@@ -1,20 +1,28 @@
-"""Tests of jax_sampling.py: generation against nanoGPT's generate, in one call and in chunks, from
-a prompt buffer of any length; stop strings, on tiny models, one of them made to write a known text.
+"""Tests of jax_sampling.py and sample_jax.py: generation against nanoGPT's generate, in one call
+and in chunks, from a prompt buffer of any length; stop strings, streaming and prompt after prompt,
+on tiny models, one of them made to write a known text.
 $ python -m pytest -q test_jax_sampling.py
 """
 import os
+import queue
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
 
+import checks
+from gpt2_weights import save_pretrained
 from jax_transformer import GPTConfig, init_params, param_shapes
 from jax_sampling import generate, generate_stream, printable_end, prompt_buffer, sample_token, stop_tables
-from conftest import TIKTOKEN_CACHE, nanogpt_model
+from conftest import REPO, TIKTOKEN_CACHE, nanogpt_model, run_script, start_script
 from test_jax_transformer import TINY, randomized
 
 GPT2_TINY = GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)  # GPT-2's vocabulary
+SEPARATOR = '---------------\n'  # after each sample sample_jax.py prints
 
 
 def numpy_params(config, seed, vector_std=0.0):
@@ -81,6 +89,13 @@ def test_top_p_keeps_the_fewest_tokens_adding_up_to_p():
 
 # -----------------------------------------------------------------------------
 # stop strings
+
+def test_the_stop_key_splits_at_bars_outside_special_tokens():
+    assert checks.stop_strings('') == []
+    assert checks.stop_strings('\n\n') == ['\n\n']
+    assert checks.stop_strings('ld!|<|endoftext|>|END') == ['ld!', '<|endoftext|>', 'END']
+    assert checks.stop_strings(['a|b', '<|endoftext|>']) == ['a|b', '<|endoftext|>']  # a list, from a config file
+
 
 def test_printable_end_holds_back_what_may_begin_a_stop_string():
     stops = [b'\n\n', b'END']
@@ -177,3 +192,92 @@ def test_end_of_text_stops_at_the_end_of_text_token(enc, tape):
                                                    stops=stop_tables(pieces, [b'<|endoftext|>']), chunk=chunk)
         assert step == tape.index(50256) == 9 and done.all()
         np.testing.assert_array_equal(tokens[:, :1 + step], np.tile(tape[:10], (2, 1)))
+
+
+# -----------------------------------------------------------------------------
+# sample_jax.py
+
+@pytest.fixture(scope='module')
+def tape_model(tape, tmp_path_factory):
+    """tape_params as a Hugging Face GPT-2 folder."""
+    folder = str(tmp_path_factory.mktemp('tape_model'))
+    save_pretrained(tape_params(GPT2_TINY, tape), GPT2_TINY, folder)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def random_model(tmp_path_factory):
+    """A random GPT-2 of GPT2_TINY's shape as a Hugging Face GPT-2 folder."""
+    folder = str(tmp_path_factory.mktemp('random_model'))
+    save_pretrained(numpy_params(GPT2_TINY, 1, vector_std=0.1), GPT2_TINY, folder)
+    return folder
+
+
+def samples(stdout):
+    """The text sample_jax.py prints after its preamble."""
+    return stdout.split('assuming GPT-2 encodings...\n', 1)[1]
+
+
+def test_streamed_samples_are_those_of_one_call(random_model, script_env):
+    """With a fixed seed, the samples printed as they are written, 4 tokens per device call, one
+    after the other, are those printed at the end of one call: cut before the first stop string
+    each writes (the rows stop at different tokens), and with a byte that is no character."""
+    args = [f'--init_from={random_model}', '--num_samples=3', '--max_new_tokens=30', '--start=Once upon',
+            '--stop=Rash|marches|Host']
+    printed = samples(run_script('sample_jax.py', args, script_env).stdout)
+    streamed = samples(run_script('sample_jax.py', args + ['--stream=True', '--stream_chunk=4'], script_env).stdout)
+    assert streamed == printed
+    texts = printed.split(SEPARATOR)[:3]
+    assert not any(stop in text for text in texts for stop in ('Rash', 'marches', 'Host'))
+    assert len({len(text) for text in texts}) == 3 and '\ufffd' in printed
+
+
+def test_interactive_streams_prompt_after_prompt_and_compiles_once(tape_model, tape, enc, script_env, tmp_path):
+    """Over a pipe, each line is a start text, sampled and printed a token at a time as soon as it is
+    read; three start texts of 1, 2 and 3 tokens give the tape from their lengths on, printed whole
+    characters at a time (the two bytes of 'é' come in two tokens; the second alone is no character),
+    'ld' held back until it cannot begin 'ld!', ending before <|endoftext|>. The programs the first
+    one compiled (into a new compilation cache) are all the others need."""
+    cache = tmp_path / 'cache'
+    p = start_script('sample_jax.py', [f'--init_from={tape_model}', '--interactive=True', '--num_samples=2',
+                                       '--cpu_devices=2',  # a sample per device, as where num_samples splits
+                                       '--max_new_tokens=16', '--stream_chunk=1', '--stop=ld!|<|endoftext|>'],
+                     dict(script_env, JAX_COMPILATION_CACHE_DIR=str(cache)), stdin=subprocess.PIPE)
+    lines = queue.Queue()  # stdout's lines, then None at its end
+    threading.Thread(target=lambda: [lines.put(line) for line in p.stdout] + [lines.put(None)], daemon=True).start()
+
+    def read_samples(n):  # stdout up to the end of n samples
+        out = []
+        while out.count(SEPARATOR) < n:
+            out.append(lines.get(timeout=120))
+            assert out[-1] is not None, p.stderr.read()
+        return ''.join(out)
+
+    def answer(text):  # the two samples the tape model writes after text, decoded by tiktoken
+        ids = enc.encode(text)
+        sample = enc.decode(ids + tape[len(ids):])
+        return 2 * f"{sample[:sample.index('<|endoftext|>')]}\n{SEPARATOR}"
+
+    p.stdin.write('Hi\n')
+    p.stdin.flush()
+    assert samples(read_samples(2)) == answer('Hi') == 2 * f"Hi Hello\u00e9 world, ld\n\n\n{SEPARATOR}"
+    programs = sorted(os.listdir(cache))
+    assert [name.split('-')[0] for name in programs].count('jit_generate_chunk') == 1
+    p.stdin.write('To be\nTo be or\n')
+    p.stdin.close()
+    assert read_samples(4) == answer('To be') + answer('To be or')
+    assert answer('To be or').startswith('To be or\ufffd world')
+    assert p.wait(timeout=60) == 0 and lines.get(timeout=60) is None
+    assert sorted(os.listdir(cache)) == programs  # nothing compiled for the next start texts
+
+
+def test_interactive_with_stdin_ended_or_closed(tape_model, script_env):
+    """stdin at its end at once is the end of the session: nothing to sample, exit 0. A closed
+    stdin (<&-) is a mistake in how the script was started: one line, exit 2."""
+    args = [sys.executable, os.path.join(REPO, 'sample_jax.py'), f'--init_from={tape_model}', '--interactive=True']
+    empty = subprocess.run(args, env=script_env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert empty.returncode == 0 and samples(empty.stdout) == '' and empty.stderr == ''
+    closed = subprocess.run(['bash', '-c', 'exec "$@" <&-', 'bash'] + args, env=script_env, capture_output=True,
+                            text=True, timeout=300)
+    assert closed.returncode == 2 and closed.stderr == ("error: interactive=True reads the start texts from stdin, "
+                                                        "which is closed: pipe them in or type them\n")

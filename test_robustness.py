@@ -150,6 +150,8 @@ BAD_INPUT = [
      "1 (1.0 turns it off)"),
     ('sample_jax.py', SAMPLE + ['--temperature=-1.0'], "temperature=-1.0 is not allowed: temperature must be above "
      "0 (below 1 is less random, e.g. 0.01 is nearly greedy)"),
+    ('sample_jax.py', SAMPLE + ['--stop=END||\n'], "stop='END||\\n' has an empty stop string, where every sample "
+     "would end at once: separate the stop strings with single | and give none at either end"),
     ('sample_jax.py', SAMPLE + ['--start=the caf\u00e9~'], "the start text has characters that are not in the "
      "vocabulary of {data}/tiny/meta.pkl: '~' '\u00e9': write it with the dataset's characters"),
     ('sample_jax.py', SAMPLE + ['--out_dir={empty}'],
