@@ -1,8 +1,8 @@
 """
 Checks of what the scripts are given: config values, data files, the out_dir, a checkpoint to
-resume and the prompt, made before any work starts. Each stops the script with configurator.die:
-a one-line message that says what is wrong and what to do, and exit code 2. Plain Python and
-NumPy, so that most mistakes are reported before JAX is even imported.
+resume, the prompt and the GPT-2 tokenizer, made before any work starts. Each stops the script
+with configurator.die: a one-line message that says what is wrong and what to do, and exit code 2.
+Plain Python, NumPy and tiktoken, so that most mistakes are reported before JAX is even imported.
 """
 
 import difflib
@@ -11,6 +11,7 @@ import pickle
 import tempfile
 
 import numpy as np
+import tiktoken
 
 from configurator import die
 
@@ -67,6 +68,18 @@ def check_out_dir(out_dir):
 
 # -----------------------------------------------------------------------------
 # data
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE. tiktoken reads its files from its cache or downloads them; with
+    neither, stop saying where it looked."""
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except (OSError, ValueError) as e:  # no network (requests' errors are OSErrors), or a damaged download
+        cache = os.environ.get('TIKTOKEN_CACHE_DIR', os.environ.get(
+            'DATA_GYM_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'data-gym-cache')))
+        die(f"cannot load the GPT-2 tokenizer: tiktoken finds its files neither in its cache {cache} nor online "
+            f"({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR to a folder that holds them")
+
 
 def dataset_missing(data_root, dataset, prepare):
     """Stop for a dataset whose train.bin is not in data_root and that cannot be prepared here:

@@ -1,7 +1,8 @@
 """
 Tests for data/*/prepare.py: run each script on the offline copies of its
 input (see shared/data/README.md) into a temp dir, and check the output is
-byte-identical to what nanoGPT's own prepare.py scripts write.
+byte-identical to what nanoGPT's own prepare.py scripts write, and every
+bad input stopping a script with one line. Nothing here touches the network.
 
 $ python -m pytest test_data.py -q
 """
@@ -124,24 +125,40 @@ def test_default_input_in_out_dir(tmp_path):
     check_bins('shakespeare_char', out)
 
 
-def test_importable_prepare_and_download(tmp_path, monkeypatch):
+def import_prepare(name, monkeypatch):
+    """data/<name>/prepare.py as a module; the sys.path entries it adds are undone after the test."""
     monkeypatch.setenv('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
-    spec = importlib.util.spec_from_file_location('shakespeare_prepare', os.path.join(REPO, 'data', 'shakespeare', 'prepare.py'))
+    monkeypatch.setattr(sys, 'path', list(sys.path))
+    spec = importlib.util.spec_from_file_location(f'{name}_prepare', os.path.join(REPO, 'data', name, 'prepare.py'))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_importable_prepare_and_download(tmp_path, monkeypatch):
+    mod = import_prepare('shakespeare', monkeypatch)
     # the download helper, pointed at a file:// url instead of github
-    sys.path.insert(0, os.path.join(REPO, 'data'))
-    from tiny_shakespeare import download
+    from inputs import download
     download('file://' + os.path.abspath(SHAKESPEARE), str(tmp_path / 'input.txt'))
     assert sha256(tmp_path / 'input.txt') == sha256(SHAKESPEARE)
     assert mod.prepare(out_dir=str(tmp_path)) == (301_966, 36_059)
     check_bins('shakespeare', tmp_path)
 
 
-def encoded_docs(texts):
+def gpt2():
     tiktoken = pytest.importorskip('tiktoken')
-    os.environ.setdefault('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
-    enc = tiktoken.get_encoding('gpt2')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
+        return tiktoken.get_encoding('gpt2')
+
+
+def owt_texts():
+    with open(OWT_JSONL, encoding='utf-8') as f:
+        return [json.loads(line)['text'] for line in f]
+
+
+def encoded_docs(texts):
+    enc = gpt2()
     return [tuple(enc.encode_ordinary(t)) + (EOT,) for t in texts]
 
 
@@ -165,8 +182,7 @@ def test_openwebtext_jsonl(tmp_path):
     pytest.importorskip('datasets')
     out = tmp_path / 'out'
     run_prepare('openwebtext', tmp_path, f'--input={OWT_JSONL}', f'--out_dir={out}')
-    with open(OWT_JSONL, encoding='utf-8') as f:
-        texts = [json.loads(line)['text'] for line in f]
+    texts = owt_texts()
     assert len(texts) == 301
     # test_size=0.0005 of 301 documents rounds up to 1 val document
     train, val = check_owt(out, texts, 300, 1)
@@ -184,3 +200,35 @@ def test_openwebtext_txt_folder(tmp_path):
             texts.append(f.read())
     assert len(texts) == 20
     check_owt(out, texts, 19, 1)
+
+
+# -----------------------------------------------------------------------------
+# bad inputs: one line on stderr, exit code 2, whatever the script
+
+NO_NETWORK = 'http://127.0.0.1:9'  # a proxy that refuses every connection
+
+
+def test_bad_inputs_stop_with_one_line(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'binary.txt').write_bytes(bytes(range(256)))
+    no_network = dict(HTTPS_PROXY=NO_NETWORK, https_proxy=NO_NETWORK, HTTP_PROXY=NO_NETWORK, http_proxy=NO_NETWORK)
+    no_tokenizer = dict(no_network, TIKTOKEN_CACHE_DIR=str(tmp_path / 'empty'))
+    tokenizer_message = f"cannot load the GPT-2 tokenizer: tiktoken finds its files neither in its cache {tmp_path}/empty"
+    out = lambda name: f'--out_dir={tmp_path / name}'
+    cases = [  # dataset, args, env, what the error says
+        ('shakespeare_char', [out('sc')], no_network, "cannot download https://raw.githubusercontent.com/karpathy/"),
+        ('shakespeare_char', [f'--input={tmp_path}/binary.txt', out('sc')], {}, f"{tmp_path}/binary.txt is not UTF-8 text"),
+        ('shakespeare', [out('s')], no_network, "cannot download https://raw.githubusercontent.com/karpathy/"),
+        ('shakespeare', [f'--input={SHAKESPEARE}', out('s')], no_tokenizer, tokenizer_message),
+        ('shakespeare', [f'--input={tmp_path}/empty', out('s')], {}, f"input {tmp_path}/empty is not a file"),
+    ]
+    start = lambda name, args, extra: subprocess.Popen(
+        [sys.executable, os.path.join(REPO, 'data', name, 'prepare.py'), *args], env={**env(tmp_path), **extra},
+        text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs = [start(name, args, extra) for name, args, extra, _ in cases]
+    for (name, args, _, message), p in zip(cases, procs):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {message}"), \
+            (name, args, p.returncode, err)
+    for name in ('sc', 's'):
+        assert not os.path.exists(tmp_path / name) or os.listdir(tmp_path / name) == []
