@@ -1,8 +1,9 @@
 """
 Tests for data/*/prepare.py: run each script on the offline copies of its
 input (see shared/data/README.md) into a temp dir, and check the output is
-byte-identical to what nanoGPT's own prepare.py scripts write, and every
-bad input stopping a script with one line. Nothing here touches the network.
+byte-identical to what nanoGPT's own prepare.py scripts write; OpenWebText
+read from the hub's parquet conversion, and every bad input stopping a
+script with one line. Nothing here touches the network.
 
 $ python -m pytest test_data.py -q
 """
@@ -14,6 +15,8 @@ import hashlib
 import subprocess
 import importlib.util
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -202,6 +205,46 @@ def test_openwebtext_txt_folder(tmp_path):
     check_owt(out, texts, 19, 1)
 
 
+def write_parquet(path, texts, **columns):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.table({'text': texts, **columns}), path, row_group_size=100)
+
+
+def test_openwebtext_from_the_hubs_parquet_conversion(tmp_path, monkeypatch, capsys):
+    # datasets >= 4 refuses the hub's openwebtext, a loading script: the script reads the parquet
+    # files of the hub's conversion instead, here local files laid out as on the hub's branch
+    datasets = pytest.importorskip('datasets')
+    prepare = import_prepare('openwebtext', monkeypatch)
+    texts = owt_texts()
+    export = tmp_path / 'refs_convert_parquet' / 'plain_text' / 'train'
+    write_parquet(str(export / '0000.parquet'), texts[:150])
+    write_parquet(str(export / '0001.parquet'), texts[150:])
+    calls = []
+
+    def load_dataset(path, **kwargs):
+        calls.append(path)
+        if path == 'openwebtext':
+            raise RuntimeError("Dataset scripts are no longer supported, but found openwebtext.py")
+        return datasets.load_dataset(path, cache_dir=str(tmp_path / 'hf_cache'), **kwargs)
+    monkeypatch.setattr(prepare, 'load_dataset', load_dataset)
+    monkeypatch.setattr(prepare, 'OPENWEBTEXT_PARQUET', str(export / '*.parquet'))
+    monkeypatch.setattr(prepare, 'num_proc', 1)  # no worker processes forked from the test's process
+    assert prepare.prepare(out_dir=str(tmp_path / 'out')) == {'train': 336_875, 'val': 1_151}
+    assert calls == ['openwebtext', 'parquet']
+    assert f"reading openwebtext from {export}/*.parquet" in capsys.readouterr().out
+    # the same bytes as nanoGPT's from the same documents in a local file (test_openwebtext_jsonl)
+    check_bins('openwebtext', tmp_path / 'out')
+    assert sorted(os.listdir(tmp_path / 'out')) == ['train.bin', 'val.bin']
+
+    # a conversion that is missing, or partial (partial-train/): one line, exit 2
+    monkeypatch.setattr(prepare, 'OPENWEBTEXT_PARQUET', str(tmp_path / 'nothing' / '*.parquet'))
+    with pytest.raises(SystemExit) as stop:
+        prepare.prepare(out_dir=str(tmp_path / 'out2'))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: the hub holds no complete parquet conversion of openwebtext")
+
+
 # -----------------------------------------------------------------------------
 # bad inputs: one line on stderr, exit code 2, whatever the script
 
@@ -211,6 +254,8 @@ NO_NETWORK = 'http://127.0.0.1:9'  # a proxy that refuses every connection
 def test_bad_inputs_stop_with_one_line(tmp_path):
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'binary.txt').write_bytes(bytes(range(256)))
+    (tmp_path / 'page.jsonl').write_text('<html>404 Not Found</html>\n')
+    (tmp_path / 'no_text.jsonl').write_text(json.dumps({'content': 'a document'}) + '\n')
     no_network = dict(HTTPS_PROXY=NO_NETWORK, https_proxy=NO_NETWORK, HTTP_PROXY=NO_NETWORK, http_proxy=NO_NETWORK)
     no_tokenizer = dict(no_network, TIKTOKEN_CACHE_DIR=str(tmp_path / 'empty'))
     tokenizer_message = f"cannot load the GPT-2 tokenizer: tiktoken finds its files neither in its cache {tmp_path}/empty"
@@ -221,6 +266,10 @@ def test_bad_inputs_stop_with_one_line(tmp_path):
         ('shakespeare', [out('s')], no_network, "cannot download https://raw.githubusercontent.com/karpathy/"),
         ('shakespeare', [f'--input={SHAKESPEARE}', out('s')], no_tokenizer, tokenizer_message),
         ('shakespeare', [f'--input={tmp_path}/empty', out('s')], {}, f"input {tmp_path}/empty is not a file"),
+        ('openwebtext', [out('owt')], {}, "cannot load openwebtext from the Hugging Face hub"),
+        ('openwebtext', [f'--input={OWT_JSONL}', out('owt')], no_tokenizer, tokenizer_message),
+        ('openwebtext', [f'--input={tmp_path}/page.jsonl', out('owt')], {}, f"{tmp_path}/page.jsonl, line 1: not JSON"),
+        ('openwebtext', [f'--input={tmp_path}/empty', out('owt')], {}, f"the folder {tmp_path}/empty holds no .txt files"),
     ]
     start = lambda name, args, extra: subprocess.Popen(
         [sys.executable, os.path.join(REPO, 'data', name, 'prepare.py'), *args], env={**env(tmp_path), **extra},
@@ -230,5 +279,5 @@ def test_bad_inputs_stop_with_one_line(tmp_path):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {message}"), \
             (name, args, p.returncode, err)
-    for name in ('sc', 's'):
+    for name in ('sc', 's', 'owt'):
         assert not os.path.exists(tmp_path / name) or os.listdir(tmp_path / name) == []
