@@ -2,8 +2,9 @@
 Tests for data/*/prepare.py: run each script on the offline copies of its
 input (see shared/data/README.md) into a temp dir, and check the output is
 byte-identical to what nanoGPT's own prepare.py scripts write; OpenWebText
-read from the hub's parquet conversion, and every bad input stopping a
-script with one line. Nothing here touches the network.
+read from the hub's parquet conversion, FineWeb-Edu against tiktoken run by
+hand, and every bad input stopping a script with one line. Nothing here
+touches the network.
 
 $ python -m pytest test_data.py -q
 """
@@ -12,6 +13,7 @@ import sys
 import json
 import pickle
 import hashlib
+import tracemalloc
 import subprocess
 import importlib.util
 import numpy as np
@@ -246,6 +248,78 @@ def test_openwebtext_from_the_hubs_parquet_conversion(tmp_path, monkeypatch, cap
 
 
 # -----------------------------------------------------------------------------
+# FineWeb-Edu, on local files in its format
+
+def speeches(n):
+    """n short documents of many lengths (the speeches of Tiny Shakespeare, in order), and a few odd ones."""
+    texts = [s for t in owt_texts() for s in t.split('\n\n')]
+    odd = ['', 'a document that says <|endoftext|> in its text', 'caf\u00e9 \u2014 na\u00efve \U0001f600\n']
+    return (odd + texts * (n // len(texts) + 1))[:n]
+
+
+def fineweb_expected(texts):
+    """train.bin and val.bin by hand: tiktoken's tokens of each document after <|endoftext|>,
+    documents 0, 1000, 2000, ... in val."""
+    enc = gpt2()
+    docs = [np.array([EOT] + enc.encode_ordinary(t), dtype=np.uint16) for t in texts]
+    return {'train': np.concatenate([d for i, d in enumerate(docs) if i % 1000 != 0]),
+            'val': np.concatenate([d for i, d in enumerate(docs) if i % 1000 == 0]),
+            'starts': {split: np.cumsum([0] + [len(d) for i, d in enumerate(docs) if (i % 1000 == 0) == (split == 'val')])[:-1]
+                       for split in ('train', 'val')}}
+
+
+def test_fineweb_edu_local_files_any_number_of_workers(tmp_path):
+    texts = speeches(2_500)
+    source = tmp_path / 'fineweb'
+    write_parquet(str(source / '000_00000.parquet'), texts[:1_200], score=[3.0] * 1_200)
+    with open(source / '001_00000.jsonl', 'w') as f:
+        for text in texts[1_200:]:
+            f.write(json.dumps({'text': text, 'id': '<urn:uuid>', 'score': 3.5}) + '\n')
+    (source / 'README.md').write_text('not a data file')
+    script = os.path.join(REPO, 'data', 'fineweb_edu', 'prepare.py')
+    procs = [subprocess.Popen([sys.executable, script, f'--input={source}', f'--out_dir={tmp_path / f"out{n}"}',
+                               f'--num_proc={n}'], env=env(tmp_path), text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for n in (1, 2)]
+    expected = fineweb_expected(texts)
+    for n, p in zip((1, 2), procs):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, out + err
+        assert f"val: every 1000th document of {source} (0, 1000, 2000, ...); train: the others" in out
+        assert f"train has 2,497 documents, {len(expected['train']):,} tokens" in out
+        assert f"val has 3 documents, {len(expected['val']):,} tokens" in out
+        assert sorted(os.listdir(tmp_path / f'out{n}')) == ['train.bin', 'val.bin']
+        for split in ('train', 'val'):
+            ids = load_bin(tmp_path / f'out{n}' / f'{split}.bin')
+            assert np.array_equal(ids, expected[split]), (n, split)
+            # <|endoftext|> begins every document, and is nowhere else
+            assert np.array_equal(np.flatnonzero(ids == EOT), expected['starts'][split])
+
+
+def test_fineweb_edu_memory_stays_bounded(tmp_path, monkeypatch):
+    # 5,000 documents, then 20,000: four times the tokens written, and no more memory
+    prepare = import_prepare('fineweb_edu', monkeypatch)
+    texts = speeches(20_000)
+    buffer_bytes = 4096
+    peaks, sizes = [], []
+    for n in (5_000, 20_000):
+        write_parquet(str(tmp_path / f'{n}.parquet'), texts[:n])
+        tracemalloc.start()
+        try:
+            tokens = prepare.prepare(str(tmp_path / f'{n}.parquet'), out_dir=str(tmp_path / f'out{n}'), num_proc=1,
+                                     buffer_bytes=buffer_bytes)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        sizes.append(2 * sum(tokens.values()))
+    expected = fineweb_expected(texts)
+    for split in ('train', 'val'):
+        assert np.array_equal(load_bin(tmp_path / 'out20000' / f'{split}.bin'), expected[split])
+    assert sizes[1] > 3.5 * sizes[0] and sizes[1] > 400 * buffer_bytes
+    # the peak of traced memory does not grow with the data, and is a fraction of what was written
+    assert peaks[1] < 1.2 * peaks[0] and peaks[1] < sizes[1] / 4, (peaks, sizes)
+
+
+# -----------------------------------------------------------------------------
 # bad inputs: one line on stderr, exit code 2, whatever the script
 
 NO_NETWORK = 'http://127.0.0.1:9'  # a proxy that refuses every connection
@@ -256,6 +330,11 @@ def test_bad_inputs_stop_with_one_line(tmp_path):
     (tmp_path / 'binary.txt').write_bytes(bytes(range(256)))
     (tmp_path / 'page.jsonl').write_text('<html>404 Not Found</html>\n')
     (tmp_path / 'no_text.jsonl').write_text(json.dumps({'content': 'a document'}) + '\n')
+    (tmp_path / 'page.parquet').write_text('<html>404 Not Found</html>\n')
+    with open(tmp_path / 'broken.jsonl', 'w') as f:  # good for 1,500 lines, then cut short
+        for text in speeches(1_500):
+            f.write(json.dumps({'text': text}) + '\n')
+        f.write('{"text": "cut sh')
     no_network = dict(HTTPS_PROXY=NO_NETWORK, https_proxy=NO_NETWORK, HTTP_PROXY=NO_NETWORK, http_proxy=NO_NETWORK)
     no_tokenizer = dict(no_network, TIKTOKEN_CACHE_DIR=str(tmp_path / 'empty'))
     tokenizer_message = f"cannot load the GPT-2 tokenizer: tiktoken finds its files neither in its cache {tmp_path}/empty"
@@ -270,14 +349,25 @@ def test_bad_inputs_stop_with_one_line(tmp_path):
         ('openwebtext', [f'--input={OWT_JSONL}', out('owt')], no_tokenizer, tokenizer_message),
         ('openwebtext', [f'--input={tmp_path}/page.jsonl', out('owt')], {}, f"{tmp_path}/page.jsonl, line 1: not JSON"),
         ('openwebtext', [f'--input={tmp_path}/empty', out('owt')], {}, f"the folder {tmp_path}/empty holds no .txt files"),
+        ('fineweb_edu', [out('fw')], {}, "cannot stream FineWeb-Edu sample-10BT from the Hugging Face hub"),
+        ('fineweb_edu', [f'--input={tmp_path}/no_text.jsonl', out('fw')], no_tokenizer, tokenizer_message),
+        ('fineweb_edu', [f'--input={tmp_path}/page.parquet', out('fw')], {}, f"{tmp_path}/page.parquet is not a parquet file"),
+        ('fineweb_edu', [f'--input={tmp_path}/no_text.jsonl', out('fw')], {},
+         f"{tmp_path}/no_text.jsonl, line 1: not a JSON object with a string 'text'"),
     ]
     start = lambda name, args, extra: subprocess.Popen(
         [sys.executable, os.path.join(REPO, 'data', name, 'prepare.py'), *args], env={**env(tmp_path), **extra},
         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     procs = [start(name, args, extra) for name, args, extra, _ in cases]
+    # a file that goes wrong further in stops the run there, and leaves no file that looks complete
+    broken = start('fineweb_edu', [f'--input={tmp_path}/broken.jsonl', out('broken'), '--num_proc=2'], {})
     for (name, args, _, message), p in zip(cases, procs):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {message}"), \
             (name, args, p.returncode, err)
-    for name in ('sc', 's', 'owt'):
+    _, err = broken.communicate(timeout=300)
+    assert broken.returncode == 2 and err.splitlines()[-1] == f"error: {tmp_path}/broken.jsonl, line 1501: not JSON", err
+    assert 'Traceback' not in err
+    assert not any(name.endswith('.bin') for name in os.listdir(tmp_path / 'broken'))
+    for name in ('sc', 's', 'owt', 'fw'):
         assert not os.path.exists(tmp_path / name) or os.listdir(tmp_path / name) == []

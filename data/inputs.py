@@ -8,6 +8,9 @@ import os
 import sys
 import urllib.request
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from configurator import die  # noqa: E402
 from checks import gpt2_encoding  # noqa: E402,F401  the prepare scripts' tokenizer
@@ -54,13 +57,21 @@ def document_text(line, path, n):
 
 
 def check_documents(path):
-    """Stop unless path begins like a file of documents: JSON lines whose first line is an object
-    with a string 'text'. The rest of the file is checked as it is read."""
+    """Stop unless path begins like a file of documents: a parquet file with a string column
+    'text', or JSON lines whose first line is an object with a string 'text'. The rest of the
+    file is checked as it is read."""
     try:
+        if path.endswith('.parquet'):
+            schema = pq.read_schema(path)
+            if 'text' not in schema.names or schema.field('text').type not in (pa.string(), pa.large_string()):
+                die(f"{path} has no string column 'text'")
+            return
         with open(path, encoding='utf-8') as f:
             document_text(f.readline(), path, 1)
     except UnicodeDecodeError:
         die(f"{path} is not UTF-8 text")
+    except pa.ArrowInvalid as e:
+        die(f"{path} is not a parquet file: {e}")
     except ValueError as e:
         die(str(e))
     except OSError as e:
