@@ -6,6 +6,7 @@ Plain Python, NumPy and tiktoken, so that most mistakes are reported before JAX 
 """
 
 import difflib
+import json
 import os
 import pickle
 import tempfile
@@ -132,6 +133,40 @@ def read_meta(path, keys):
         die(f"{path} has no {', '.join(missing)}: it was not written by a prepare.py of this "
             f"project; prepare the dataset again")
     return meta
+
+
+def is_hellaswag_example(example):
+    """Whether example, read from JSON, is a HellaSwag example as the original files hold them: an
+    object with a string ctx, 4 string endings and a label from 0 to 3."""
+    if not isinstance(example, dict):
+        return False
+    endings, label = example.get('endings'), example.get('label')
+    return (isinstance(example.get('ctx'), str) and isinstance(endings, list) and len(endings) == 4
+            and all(isinstance(e, str) for e in endings) and type(label) is int and 0 <= label < 4)
+
+
+def read_hellaswag(path):
+    """The examples of a HellaSwag jsonl file, one JSON object per line as in the original files
+    (see is_hellaswag_example), each a dict."""
+    examples = []
+    try:
+        with open(path, encoding='utf-8') as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    example = json.loads(line)
+                except ValueError:
+                    die(f"{path}, line {n}: not JSON")
+                if not is_hellaswag_example(example):
+                    die(f"{path}, line {n}: not a HellaSwag example (a JSON object with a string ctx, "
+                        f"4 string endings and a label from 0 to 3)")
+                examples.append(example)
+    except UnicodeDecodeError:
+        die(f"{path} is not UTF-8 text")
+    except OSError as e:
+        die(f"cannot read {path}: {e.strerror}")
+    if not examples:
+        die(f"{path} holds no examples")
+    return examples
 
 
 # -----------------------------------------------------------------------------
