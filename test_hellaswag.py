@@ -66,7 +66,7 @@ def enc():
 
 @pytest.fixture(scope='module')
 def examples():
-    return make_examples(12)
+    return make_examples(12, seed=4)  # on which the tiny GPT-2 below has acc 1/12 and acc_norm 5/12
 
 
 @pytest.fixture(scope='module')
@@ -149,8 +149,7 @@ def test_losses_equal_transformers(scores, torch_scores):
     np.testing.assert_allclose(result['sum_loss'], sums, rtol=0, atol=1e-4)
     np.testing.assert_allclose(result['mean_loss'], means, rtol=0, atol=1e-4)
     assert result['count'] == 12
-    assert (result['acc'], result['acc_norm']) == (acc, acc_norm)
-    assert np.any(sums.argmin(axis=1) != means.argmin(axis=1))  # the two rules pick differently here
+    assert (result['acc'], result['acc_norm']) == (acc, acc_norm) == (1 / 12, 5 / 12)
 
 
 def test_padding_and_batch_do_not_change_the_scores(model, examples, enc, scores):
