@@ -233,7 +233,7 @@ def test_openwebtext_from_the_hubs_parquet_conversion(tmp_path, monkeypatch, cap
     monkeypatch.setattr(prepare, 'num_proc', 1)  # no worker processes forked from the test's process
     assert prepare.prepare(out_dir=str(tmp_path / 'out')) == {'train': 336_875, 'val': 1_151}
     assert calls == ['openwebtext', 'parquet']
-    assert f"reading openwebtext from {export}/*.parquet" in capsys.readouterr().out
+    assert f"reading the hub's parquet conversion of it, {export}/*.parquet" in capsys.readouterr().out
     # the same bytes as nanoGPT's from the same documents in a local file (test_openwebtext_jsonl)
     check_bins('openwebtext', tmp_path / 'out')
     assert sorted(os.listdir(tmp_path / 'out')) == ['train.bin', 'val.bin']

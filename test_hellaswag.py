@@ -33,7 +33,7 @@ if not os.path.isdir(TIKTOKEN_CACHE):
 NO_NETWORK = 'http://127.0.0.1:9'  # a proxy that refuses every connection
 
 
-def make_examples(n, seed=0):
+def make_examples(n, seed):
     """n examples in the schema of HellaSwag's jsonl files, with contexts and endings of many lengths."""
     rng = random.Random(seed)
     words = ("a man woman dog the ball roof ladder water boat kite paint brush rope slowly quickly then "
@@ -54,7 +54,6 @@ def write_jsonl(path, examples):
     with open(path, 'w') as f:
         for example in examples:
             f.write(json.dumps(example) + '\n')
-    return str(path)
 
 
 @pytest.fixture(scope='module')

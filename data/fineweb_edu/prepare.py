@@ -70,7 +70,7 @@ def hub_documents(subset):
 
 def tokenized(texts, num_proc):
     """tokenize(text) for each of texts, in order. num_proc processes tokenize a chunk of CHUNK_DOCS
-    documents while the one before is written: no more than two chunks are ever in memory."""
+    documents while the one before is written: the pool never holds more than two chunks."""
     if num_proc == 1:  # no pool to feed: tokenize here
         yield from map(tokenize, texts)
         return

@@ -49,7 +49,8 @@ def load_openwebtext():
     except RuntimeError as e:
         if 'Dataset scripts are no longer supported' not in str(e):
             raise
-    print(f"this datasets runs no loading scripts: reading openwebtext from {OPENWEBTEXT_PARQUET}")
+    print(f"openwebtext is a loading script, which datasets >= 4.0 does not run: reading the hub's parquet "
+          f"conversion of it, {OPENWEBTEXT_PARQUET}")
     try:
         return load_dataset("parquet", data_files={'train': OPENWEBTEXT_PARQUET}, num_proc=num_proc)
     except (FileNotFoundError, ValueError) as e:  # no such files: not converted, or the first 5GB only (partial-train/)
