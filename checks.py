@@ -1,16 +1,18 @@
 """
 Checks of what the scripts are given: config values, data files, the out_dir, a checkpoint to
-resume and the prompt, made before any work starts. Each stops the script with configurator.die:
-a one-line message that says what is wrong and what to do, and exit code 2. Plain Python and
-NumPy, so that most mistakes are reported before JAX is even imported.
+resume, the prompt and the GPT-2 tokenizer, made before any work starts. Each stops the script
+with configurator.die: a one-line message that says what is wrong and what to do, and exit code 2.
+Plain Python, NumPy and tiktoken, so that most mistakes are reported before JAX is even imported.
 """
 
 import difflib
+import json
 import os
 import pickle
 import tempfile
 
 import numpy as np
+import tiktoken
 
 from configurator import die
 
@@ -68,6 +70,18 @@ def check_out_dir(out_dir):
 # -----------------------------------------------------------------------------
 # data
 
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE. tiktoken reads its files from its cache or downloads them; with
+    neither, stop saying where it looked."""
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except (OSError, ValueError) as e:  # no network (requests' errors are OSErrors), or a damaged download
+        cache = os.environ.get('TIKTOKEN_CACHE_DIR', os.environ.get(
+            'DATA_GYM_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'data-gym-cache')))
+        die(f"cannot load the GPT-2 tokenizer: tiktoken finds its files neither in its cache {cache} nor online "
+            f"({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR to a folder that holds them")
+
+
 def dataset_missing(data_root, dataset, prepare):
     """Stop for a dataset whose train.bin is not in data_root and that cannot be prepared here:
     say how to prepare it, or which dataset was probably meant."""
@@ -119,6 +133,40 @@ def read_meta(path, keys):
         die(f"{path} has no {', '.join(missing)}: it was not written by a prepare.py of this "
             f"project; prepare the dataset again")
     return meta
+
+
+def is_hellaswag_example(example):
+    """Whether example, read from JSON, is a HellaSwag example as the original files hold them: an
+    object with a string ctx, 4 string endings and a label from 0 to 3."""
+    if not isinstance(example, dict):
+        return False
+    endings, label = example.get('endings'), example.get('label')
+    return (isinstance(example.get('ctx'), str) and isinstance(endings, list) and len(endings) == 4
+            and all(isinstance(e, str) for e in endings) and type(label) is int and 0 <= label < 4)
+
+
+def read_hellaswag(path):
+    """The examples of a HellaSwag jsonl file, one JSON object per line as in the original files
+    (see is_hellaswag_example), each a dict."""
+    examples = []
+    try:
+        with open(path, encoding='utf-8') as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    example = json.loads(line)
+                except ValueError:
+                    die(f"{path}, line {n}: not JSON")
+                if not is_hellaswag_example(example):
+                    die(f"{path}, line {n}: not a HellaSwag example (a JSON object with a string ctx, "
+                        f"4 string endings and a label from 0 to 3)")
+                examples.append(example)
+    except UnicodeDecodeError:
+        die(f"{path} is not UTF-8 text")
+    except OSError as e:
+        die(f"cannot read {path}: {e.strerror}")
+    if not examples:
+        die(f"{path} holds no examples")
+    return examples
 
 
 # -----------------------------------------------------------------------------
