@@ -243,9 +243,10 @@ def load_model(init_from, out_dir, sharding):
 # -----------------------------------------------------------------------------
 # loss curves: out_dir/metrics.csv, drawn by plot_jax.py
 
-# one row per log line (loss: the iteration's mean training loss) and per evaluation (train_loss and
-# val_loss over eval_iters batches); a column a row has no value for is left empty
-METRICS_COLUMNS = ['iter', 'loss', 'train_loss', 'val_loss', 'lr', 'time_ms', 'mfu_percent']
+# one row per log line (loss: the iteration's mean training loss), per evaluation (train_loss and
+# val_loss over eval_iters batches) and per HellaSwag score; a column a row has no value for is left empty
+METRICS_COLUMNS = ['iter', 'loss', 'train_loss', 'val_loss', 'lr', 'time_ms', 'mfu_percent', 'hellaswag_acc',
+                   'hellaswag_acc_norm']
 
 
 def metrics_writer(out_dir, keep_before):

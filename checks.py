@@ -33,7 +33,7 @@ def check_train_config(config):
                 'eval_iters'):
         at_least(config, key, 1)
     for key in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay',
-                'grad_clip'):
+                'grad_clip', 'hellaswag_interval'):
         at_least(config, key, 0)
     for key in ('dropout', 'beta1', 'beta2'):
         in_unit_interval(config, key)
@@ -167,6 +167,23 @@ def read_hellaswag(path):
     if not examples:
         die(f"{path} holds no examples")
     return examples
+
+
+def hellaswag_examples(data_root):
+    """The examples of data_root/hellaswag/hellaswag_val.jsonl (see read_hellaswag); when it is
+    missing, stop saying how to prepare it."""
+    path = os.path.join(data_root, 'hellaswag', 'hellaswag_val.jsonl')
+    if not os.path.exists(path):
+        die(f"{path} not found: prepare it first with `python data/hellaswag/prepare.py"
+            f"{'' if data_root == 'data' else f' --out_dir={os.path.dirname(path)}'}`")
+    return read_hellaswag(path)
+
+
+def check_hellaswag_vocab(vocab_size, enc):
+    """A model scored on HellaSwag has every token of the GPT-2 encoding enc."""
+    if vocab_size < enc.n_vocab:
+        die(f"the model has a vocab_size of {vocab_size}: HellaSwag is scored in the GPT-2 encoding, "
+            f"which needs {enc.n_vocab}")
 
 
 # -----------------------------------------------------------------------------

@@ -27,11 +27,7 @@ configure(globals(), sys.argv[1:])
 if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")
 checks.at_least(globals(), 'batch_size', 1)
-data_path = os.path.join(data_root, 'hellaswag', 'hellaswag_val.jsonl')
-if not os.path.exists(data_path):
-    die(f"{data_path} not found: prepare it first with `python data/hellaswag/prepare.py"
-        f"{'' if data_root == 'data' else f' --out_dir={os.path.dirname(data_path)}'}`")
-examples = checks.read_hellaswag(data_path)
+examples = checks.hellaswag_examples(data_root)
 enc = checks.gpt2_encoding()
 
 import dataclasses
@@ -60,9 +56,7 @@ try:
 except ValueError as e:
     die(str(e))
 config = dataclasses.replace(config, dtype=dtype)
-if config.vocab_size < enc.n_vocab:
-    die(f"the model has a vocab_size of {config.vocab_size}: HellaSwag is scored in the GPT-2 encoding, "
-        f"which needs {enc.n_vocab}")
+checks.check_hellaswag_vocab(config.vocab_size, enc)
 
 if master_process:
     print(f"scoring {len(examples):,} examples on {jax.device_count()} device(s)")

@@ -12,6 +12,7 @@ import json
 import random
 import subprocess
 import importlib.util
+import shutil
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import hellaswag
 from gpt2_weights import from_pretrained
-from conftest import REPO, SHARED, TIKTOKEN_CACHE
+from conftest import REPO, SHARED, SHAKESPEARE, TIKTOKEN_CACHE, run_script, metrics
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -221,3 +222,28 @@ def test_prepare_checks_and_copies_a_local_copy(tmp_path, data_root, monkeypatch
     with open(source, 'rb') as f, open(tmp_path / 'hellaswag_val.jsonl', 'rb') as g:
         assert f.read() == g.read()
     assert os.listdir(tmp_path) == ['hellaswag_val.jsonl']
+
+
+def test_training_scores_hellaswag_as_it_goes(gpt2, data_root, torch_scores, script_env, tmp_path):
+    """--hellaswag_interval: fine-tuning the tiny GPT-2 on Shakespeare scores HellaSwag every 3
+    iterations beside the val loss (at iteration 0 the scores torch computed for the same weights),
+    writes them to metrics.csv, which plot_jax.py draws in a panel of its own, and still learns."""
+    shakespeare = tmp_path / 'data'
+    shutil.copytree(data_root, shakespeare)
+    run_script('data/shakespeare/prepare.py', [f'--input={SHAKESPEARE}', f'--out_dir={shakespeare / "shakespeare"}'],
+               script_env)
+    out = run_script('train_jax.py', [f'--init_from={gpt2[0]}', '--dataset=shakespeare', f'--data_root={shakespeare}',
+                                      f'--out_dir={tmp_path / "out"}', '--device=cpu', '--block_size=64',
+                                      '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_iters=2',
+                                      '--eval_interval=3', '--hellaswag_interval=3', '--max_iters=6',
+                                      '--learning_rate=1e-3', '--decay_lr=False'], script_env).stdout
+    _, _, acc, acc_norm = torch_scores
+    assert f"step 0: hellaswag acc_norm {acc_norm:.4f}, acc {acc:.4f} (12 examples)" in out
+    rows = metrics(tmp_path / 'out', ('iter', 'val_loss', 'hellaswag_acc', 'hellaswag_acc_norm'))
+    scored = [(int(i), float(a), float(n)) for i, _, a, n in rows if n]
+    assert [i for i, _, _ in scored] == [0, 3, 6] and scored[0][1:] == pytest.approx((acc, acc_norm), abs=1e-6)
+    val = [float(v) for _, v, _, _ in rows if v]
+    assert len(val) == 3 and val[2] < val[0]
+    run_script('plot_jax.py', [f'--out_dir={tmp_path / "out"}'], script_env)
+    png = (tmp_path / 'out' / 'loss.png').read_bytes()
+    assert png[16:24] == (800).to_bytes(4, 'big') + (800).to_bytes(4, 'big')  # two panels: 8 x 8 inches at 100 dpi

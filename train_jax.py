@@ -32,6 +32,7 @@ eval_interval = 2000
 log_interval = 1
 eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
+hellaswag_interval = 0  # score HellaSwag (data_root/hellaswag) every this many iterations, as build-nanogpt; 0: never
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
 init_from = 'scratch'  # 'scratch' or 'resume' or 'gpt2*' or a Hugging Face GPT-2 folder
 overwrite_checkpoint = False  # if True, a run not resuming replaces out_dir's checkpoint when it saves its own
@@ -84,11 +85,14 @@ if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"init_from='resume' but out_dir {out_dir!r} does not exist")
 checks.check_train_config(config)
 checks.check_out_dir(out_dir)
+if hellaswag_interval:  # read now: a missing or damaged file stops the run before any work
+    hellaswag_examples, gpt2_encoding = checks.hellaswag_examples(data_root), checks.gpt2_encoding()
 
 import jax
 from jax.experimental import multihost_utils
 
 import checkpoints
+import hellaswag
 import jax_train_utils as tu
 from gpt2_weights import GPT2_MODELS, from_pretrained
 from jax_transformer import (GPTConfig, ARCHITECTURE_KEYS, init_params, param_shapes, count_params,
@@ -220,6 +224,8 @@ vocab_from = {'scratch': meta_path if meta_vocab_size else "GPT-2's, padded", 'r
 for split in ('train', 'val'):
     checks.check_token_ids(os.path.join(data_dir, f'{split}.bin'), model_config.vocab_size,
                            vocab_from.get(init_from, init_from))
+if hellaswag_interval:
+    checks.check_hellaswag_vocab(model_config.vocab_size, gpt2_encoding)
 
 # optimizer
 abstract_params = param_shapes(model_config)
@@ -332,6 +338,17 @@ while True:
             if local_iter_num > 0:  # not the state this run started from
                 save_checkpoint()
         t0, iters_timed = time.time(), 0  # time the training iterations only
+    if hellaswag_interval and iter_num % hellaswag_interval == 0:
+        # a micro-batch's rows a step: 4 rows an example, each as long as its context and ending
+        scores = hellaswag.evaluate(state.params, model_config, hellaswag_examples, gpt2_encoding, mesh,
+                                    max(1, batch_size // 4))
+        if master_process:
+            print(f"step {iter_num}: hellaswag acc_norm {scores['acc_norm']:.4f}, acc {scores['acc']:.4f} "
+                  f"({scores['count']:,} examples)")
+            write_metrics(iter=iter_num, hellaswag_acc=scores['acc'], hellaswag_acc_norm=scores['acc_norm'])
+        if wandb_log and master_process:
+            wandb.log({"iter": iter_num, "hellaswag/acc": scores['acc'], "hellaswag/acc_norm": scores['acc_norm']})
+        t0, iters_timed = time.time(), 0
     if eval_only:
         break
 
