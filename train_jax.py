@@ -251,13 +251,25 @@ if peak_flops == 0.0:
     peak_flops = tu.device_peak_flops(devices[0]) or 0.0
 dropout_key = jax.random.fold_in(key, 1)
 
+# compile the steps now: a run that cannot fit in the devices' memory stops before any work
+memory_advice = lambda where: tu.memory_advice(where, remat, fsdp, len(devices), init_from == 'resume')
+eval_step = tu.eval_loss.lower(state, *[tu.batch_spec(mesh, eval_layout, block_size)] * 2).compile()
+compiled = {'evaluation': eval_step}
+if not eval_only:
+    train_step = train_step.lower(state, *[tu.batch_spec(mesh, train_layout, block_size)] * 2, dropout_key).compile()
+    compiled['the training step'] = train_step
+for where, program in compiled.items():
+    shortage = tu.memory_shortage(program, where, state_bytes, memory_advice(where))
+    if tu.max_over_processes(int(shortage is not None)):  # all processes stop, not one
+        die(shortage or f"{where} does not fit in the memory of another process's devices: see its error", code=1)
+
 
 def estimate_loss():
     """Mean loss over eval_iters batches of each split, dropout off, on all devices."""
     out = {}
     for split, stream in tu.EVAL_STREAMS.items():
         x, y = get_batch(split, iter_num, eval_layout, stream)
-        out[split] = float(tu.eval_loss(state, x, y))
+        out[split] = float(eval_step(state, x, y))
     return out
 
 
@@ -269,7 +281,7 @@ def save_checkpoint():
         print(f"saving checkpoint to {out_dir}")
     try:
         checkpoints.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
-                                            'best_val_loss': best_val_loss, 'config': config})
+                                                     'best_val_loss': best_val_loss, 'config': config})
     except OSError as e:
         last = manager.latest_step()
         die(f"saving the checkpoint to {out_dir!r} failed: {e}; " +
@@ -289,7 +301,7 @@ def out_of_memory(error, where):
     """Stop with what to change when the devices ran out of memory; any other error goes on up."""
     if 'RESOURCE_EXHAUSTED' not in str(error):
         raise error
-    die(tu.out_of_memory_message(error, where, state_bytes, remat, fsdp, len(devices)), code=1)
+    die(tu.out_of_memory_message(error, where, state_bytes, memory_advice(where)), code=1)
 
 
 # logging
