@@ -1,8 +1,12 @@
 """
-Causal self-attention for jax_transformer.py: its dropout masks. dropout_mask draws a whole mask,
-dropout_tile_mask any tile of the same mask without making the whole, for attention computed a
-tile at a time.
+Causal self-attention for jax_transformer.py. q (B, T, nh, hs), k and v (B, Tk, nh, hs) in, as the
+model makes them; (B, T, nh, hs) out, in v's dtype.
+- dense_attention: all (B, nh, T, Tk) scores at once, kept for the backward pass, the queries at
+  any offset (the key/value cache);
+- dropout_mask and dropout_tile_mask: its dropout masks, whole or a tile at a time.
 """
+
+import math
 
 import numpy as np
 import jax
@@ -49,3 +53,24 @@ def dropout_tile_mask(key_words, rows, j0, width, rate):
     row = jnp.broadcast_to(rows.astype(jnp.uint32)[..., None], (*rows.shape, words))
     word = (j0 // 4 + jax.lax.broadcasted_iota(jnp.int32, row.shape, row.ndim - 1)).astype(jnp.uint32)
     return keep_from_counters(key_words, row, word, rate)[..., :width]
+
+
+def dropped(x, keep, rate):
+    """Dropout with a given keep mask: zeros where dropped, the rest scaled by 1 / (1 - rate)."""
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def dense_attention(q, k, v, q_offset=0, dropout_rate=0.0, dropout_key=None):
+    """Attention with the (B, nh, T, Tk) scores written out, the queries at positions
+    q_offset + arange(T) of the Tk keys. Dropout, when dropout_key is given and the rate is not 0,
+    drops probabilities where dropout_mask(dropout_key, (B, nh, T, Tk), dropout_rate) is False."""
+    T, Tk, hs = q.shape[1], k.shape[1], q.shape[-1]
+    q_pos = q_offset + jnp.arange(T)
+    mask = jnp.arange(Tk)[None, :] <= q_pos[:, None]  # (T, Tk) causal
+    # attention in float32: (B, nh, T, Tk)
+    att = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) / math.sqrt(hs)
+    att = jnp.where(mask, att, jnp.finfo(jnp.float32).min)
+    att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
+    if dropout_key is not None and dropout_rate > 0.0:
+        att = dropped(att, dropout_mask(dropout_key, att.shape, dropout_rate), dropout_rate)
+    return jnp.einsum('bhqk,bkhd->bqhd', att, v)

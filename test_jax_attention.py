@@ -1,11 +1,18 @@
-"""Tests of jax_attention.py: dropout masks and their tiles.
+"""Tests of jax_attention.py: dropout masks and their tiles, dense attention.
 $ python -m pytest -q test_jax_attention.py
 """
+from functools import partial
+
 import numpy as np
 import jax
 import jax.numpy as jnp
 
-from jax_attention import dropout_mask, dropout_tile_mask, threefry_key
+from jax_attention import dropout_mask, dropout_tile_mask, threefry_key, dense_attention
+
+
+def qkv(shape):
+    """Random q, k, v (B, T, nh, hs) and a cotangent for the output."""
+    return [jax.random.normal(key, shape) for key in jax.random.split(jax.random.key(0), 4)]
 
 
 def test_dropout_mask_is_unchanged():
@@ -32,3 +39,16 @@ def test_tile_masks_are_slices_of_the_whole_mask():
     whole = np.asarray(whole).reshape(4, 9, 18)  # (B * nh, T, Tk)
     for (i0, i1, j0, j1), tile in zip(tiles, got):
         np.testing.assert_array_equal(tile, whole[:, i0:i1, j0:j1])
+
+
+@partial(jax.jit, static_argnums=5)
+def dense_and_grads(q, k, v, dy, key, rate):
+    y, vjp = jax.vjp(lambda q, k, v: dense_attention(q, k, v, 0, rate, key), q, k, v)
+    return y, *vjp(dy)
+
+
+def test_dense_with_a_query_offset_is_the_last_rows_of_the_whole():
+    q, k, v, dy = qkv((2, 37, 3, 8))
+    whole = dense_and_grads(q, k, v, dy, jax.random.key(7), 0.0)[0]
+    last = jax.jit(dense_attention)(q[:, 30:], k, v, 30)
+    np.testing.assert_allclose(last, whole[:, 30:], atol=1e-6)
