@@ -1,13 +1,15 @@
-"""Tests of jax_attention.py: dropout masks and their tiles, dense attention.
+"""Tests of jax_attention.py: dropout masks and their tiles, blockwise against dense attention (values,
+gradients, memory), both against PyTorch.
 $ python -m pytest -q test_jax_attention.py
 """
 from functools import partial
 
 import numpy as np
+import pytest
 import jax
 import jax.numpy as jnp
 
-from jax_attention import dropout_mask, dropout_tile_mask, threefry_key, dense_attention
+from jax_attention import dropout_mask, dropout_tile_mask, threefry_key, dense_attention, blockwise_attention
 
 
 def qkv(shape):
@@ -41,10 +43,43 @@ def test_tile_masks_are_slices_of_the_whole_mask():
         np.testing.assert_array_equal(tile, whole[:, i0:i1, j0:j1])
 
 
+@partial(jax.jit, static_argnums=(5, 6, 7, 8))
+def blockwise_and_grads(q, k, v, dy, key, rate, block_q, block_k, tile_size):
+    y, vjp = jax.vjp(lambda q, k, v: blockwise_attention(q, k, v, rate, key, block_q, block_k, tile_size), q, k, v)
+    return y, *vjp(dy)
+
+
 @partial(jax.jit, static_argnums=5)
 def dense_and_grads(q, k, v, dy, key, rate):
     y, vjp = jax.vjp(lambda q, k, v: dense_attention(q, k, v, 0, rate, key), q, k, v)
     return y, *vjp(dy)
+
+
+@pytest.mark.parametrize('T, block_q, block_k, tile_size, rate', [
+    (37, 16, 8, 2 ** 16, 0.0),  # T a multiple of neither block
+    (36, 8, 16, 8 * 16 * 2, 0.2),  # keys padded beyond the queries, heads in groups of 2
+    (64, 16, 16, 2 ** 16, 0.0),  # T a multiple of both
+    (64, 16, 16, 2 ** 16, 0.2),
+])
+def test_blockwise_equals_dense_values_and_gradients(T, block_q, block_k, tile_size, rate):
+    q, k, v, dy = qkv((2, T, 3, 8))
+    key = jax.random.key(7)  # the same key, the same dropout mask in both
+    got = blockwise_and_grads(q, k, v, dy, key, rate, block_q, block_k, tile_size)
+    want = dense_and_grads(q, k, v, dy, key, rate)
+    for g, w, name in zip(got, want, ('y', 'dq', 'dk', 'dv')):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=name)
+    if rate:  # dropout did happen
+        assert not np.allclose(got[0], dense_and_grads(q, k, v, dy, key, 0.0)[0], atol=1e-3)
+
+
+def test_blockwise_in_bfloat16_accumulates_in_float32():
+    q, k, v, dy = qkv((2, 37, 3, 8))  # the first case above, whose float32 results are compiled already
+    want = dense_and_grads(q, k, v, dy, jax.random.key(7), 0.0)
+    got = blockwise_and_grads(*(x.astype(jnp.bfloat16) for x in (q, k, v, dy)), None, 0.0, 16, 8, 2 ** 16)
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(g.astype(jnp.float32), w, atol=0.05, rtol=0.02)
 
 
 def test_dense_with_a_query_offset_is_the_last_rows_of_the_whole():
@@ -52,3 +87,29 @@ def test_dense_with_a_query_offset_is_the_last_rows_of_the_whole():
     whole = dense_and_grads(q, k, v, dy, jax.random.key(7), 0.0)[0]
     last = jax.jit(dense_attention)(q[:, 30:], k, v, 30)
     np.testing.assert_allclose(last, whole[:, 30:], atol=1e-6)
+
+
+def temp_bytes(attn, shape):
+    """Scratch memory of the compiled forward and backward pass of attn."""
+    q, k, v, dy = qkv(shape)
+    step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v) * dy), argnums=(0, 1, 2)))
+    return step.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_blockwise_memory_grows_linearly_in_T():
+    # at the same B * T, dense attention's (B, nh, T, T) grow with T, blockwise's tiles do not
+    short, long = (8, 256, 4, 32), (2, 1024, 4, 32)
+    blockwise = temp_bytes(blockwise_attention, long) / temp_bytes(blockwise_attention, short)
+    dense = temp_bytes(dense_attention, long) / temp_bytes(dense_attention, short)
+    assert dense > 3 and blockwise < 1.5, (dense, blockwise)
+
+
+def test_blockwise_and_dense_match_pytorch():
+    torch = pytest.importorskip('torch')
+    q, k, v, dy = qkv((2, 37, 3, 8))  # the first case above: compiled already
+    to_torch = lambda x: torch.tensor(np.asarray(x)).transpose(1, 2)  # (B, nh, T, hs)
+    want = torch.nn.functional.scaled_dot_product_attention(*map(to_torch, (q, k, v)), is_causal=True)
+    want = want.transpose(1, 2).numpy()
+    y = blockwise_and_grads(q, k, v, dy, jax.random.key(7), 0.0, 16, 8, 2 ** 16)[0]
+    np.testing.assert_allclose(y, want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(dense_and_grads(q, k, v, dy, jax.random.key(7), 0.0)[0], want, atol=1e-5, rtol=0)
