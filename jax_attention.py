@@ -216,12 +216,16 @@ def blockwise_attention(q, k, v, dropout_rate=0.0, dropout_key=None, block_q=128
     Tk = -(-Tq // bk) * bk  # keys padded to the blocks that the last queries see, masked as keys after them
     # heads per tile: the most that divide B * nh and keep the tile within tile_size
     H = max(h for h in range(1, B * nh + 1) if (B * nh) % h == 0 and (h == 1 or h * bq * bk <= tile_size))
+    G = B * nh // H  # groups of heads, one after the other
 
-    def head_groups(x, length):  # (B, T, nh, hs) -> (B * nh / H, H, length, hs), zero padded
-        x = x.transpose(0, 2, 1, 3).reshape(B * nh // H, H, T, hs)
+    # group g holds heads g, g + G, g + 2G, ...: a batch sharded over devices (jit on sharded inputs)
+    # then shards every group's H heads, if H is a multiple of the device count; groups of neighbouring
+    # heads would split the batch itself, which XLA gathers onto every device
+    def head_groups(x, length):  # (B, T, nh, hs) -> (G, H, length, hs), zero padded
+        x = x.transpose(0, 2, 1, 3).reshape(H, G, T, hs).transpose(1, 0, 2, 3)
         return jnp.pad(x, ((0, 0), (0, 0), (0, length - T), (0, 0)))
-    head_rows = (jnp.arange(B * nh, dtype=jnp.uint32) * np.uint32(T)).reshape(-1, H)  # rows in the whole mask
+    head_rows = (jnp.arange(B * nh, dtype=jnp.uint32) * np.uint32(T)).reshape(H, G).T  # rows in the whole mask
     key_words = threefry_key(dropout_key) if dropout_key is not None and dropout_rate > 0.0 else None
     y = jax.lax.map(lambda group: tiled_attention(*group, key_words, dropout_rate, bq, bk),
-                    (head_groups(q, Tq), head_groups(k, Tk), head_groups(v, Tk), head_rows))
-    return y[:, :, :T].reshape(B, nh, T, hs).transpose(0, 2, 1, 3)  # (B, T, nh, hs)
+                    (head_groups(q, Tq), head_groups(k, Tk), head_groups(v, Tk), head_rows))  # (G, H, Tq, hs)
+    return y[:, :, :T].transpose(1, 0, 2, 3).reshape(B, nh, T, hs).transpose(0, 2, 1, 3)  # (B, T, nh, hs)

@@ -2,6 +2,9 @@
 gradients, memory), both against PyTorch.
 $ python -m pytest -q test_jax_attention.py
 """
+import os
+import subprocess
+import sys
 from functools import partial
 
 import numpy as np
@@ -102,6 +105,20 @@ def test_blockwise_memory_grows_linearly_in_T():
     blockwise = temp_bytes(blockwise_attention, long) / temp_bytes(blockwise_attention, short)
     dense = temp_bytes(dense_attention, long) / temp_bytes(dense_attention, short)
     assert dense > 3 and blockwise < 1.5, (dense, blockwise)
+
+
+def test_blockwise_keeps_a_sharded_batch_sharded():
+    # as dense attention does, each device works on its own rows (jit on a batch sharded over devices)
+    code = """if True:
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from jax_attention import blockwise_attention
+        q = jax.device_put(jnp.ones((8, 256, 4, 32)), NamedSharding(Mesh(np.array(jax.devices()), 'data'), P('data')))
+        compiled = jax.jit(lambda q: blockwise_attention(q, q, q)).lower(q).compile()
+        assert 'all-gather' not in compiled.as_text() and compiled.output_shardings.spec == P('data')
+    """
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+    subprocess.run([sys.executable, '-c', code], env=env, cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
 
 
 def test_blockwise_and_dense_match_pytorch():
