@@ -1,5 +1,5 @@
 """Tests of jax_attention.py: dropout masks and their tiles, blockwise against dense attention (values,
-gradients, memory), both against PyTorch.
+gradients, memory), both against PyTorch, and the choice attention() makes.
 $ python -m pytest -q test_jax_attention.py
 """
 import os
@@ -12,7 +12,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jax_attention import dropout_mask, dropout_tile_mask, threefry_key, dense_attention, blockwise_attention
+import jax_attention
+from jax_attention import (dropout_mask, dropout_tile_mask, threefry_key, dense_attention, blockwise_attention,
+                           attention)
 
 
 def qkv(shape):
@@ -130,3 +132,50 @@ def test_blockwise_and_dense_match_pytorch():
     y = blockwise_and_grads(q, k, v, dy, jax.random.key(7), 0.0, 16, 8, 2 ** 16)[0]
     np.testing.assert_allclose(y, want, atol=1e-5, rtol=0)
     np.testing.assert_allclose(dense_and_grads(q, k, v, dy, jax.random.key(7), 0.0)[0], want, atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def chosen(monkeypatch):
+    """attention()'s choice among stand-ins for the three implementations."""
+    choices = []
+    monkeypatch.setattr(jax_attention, 'dense_attention', lambda q, *args: choices.append('dense') or q)
+    monkeypatch.setattr(jax_attention, 'blockwise_attention', lambda q, *args: choices.append('blockwise') or q)
+    monkeypatch.setattr(jax.nn, 'dot_product_attention', lambda q, *args, **kw: choices.append('cudnn') or q)
+    return choices
+
+
+@pytest.mark.parametrize('B, T, rate, want', [
+    (12, 64, 0.0, 'dense'),  # the CPU config: 12 * 4 * 64 * 64 scores, in cache
+    (128, 64, 0.0, 'blockwise'),
+    (128, 64, 0.2, 'blockwise'),
+    (512, 32, 0.0, 'dense'),  # T below 64 runs dense, however many scores
+    (2, 256, 0.2, 'dense'),  # 2^19 scores
+    (3, 256, 0.2, 'blockwise'),
+])
+def test_auto_on_cpu_follows_the_rule(chosen, B, T, rate, want):
+    q = jnp.zeros((B, T, 4, 1))  # the rule looks at shapes only
+    attention(q, q, q, rate, jax.random.key(0))
+    assert chosen == [want]
+
+
+@pytest.mark.parametrize('dtype, rate, want', [
+    (jnp.bfloat16, 0.0, 'cudnn'), (jnp.float16, 0.0, 'cudnn'),
+    (jnp.bfloat16, 0.2, 'dense'), (jnp.float32, 0.0, 'dense'),
+])
+def test_auto_on_gpu_takes_cudnn_where_it_runs(chosen, monkeypatch, dtype, rate, want):
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    q = jnp.zeros((8, 1024, 4, 1), dtype)
+    attention(q, q, q, rate, jax.random.key(0))
+    attention(q, q, q, rate, None)  # no key: no dropout
+    assert chosen == [want, 'cudnn' if dtype != jnp.float32 else 'dense']
+
+
+def test_forced_choices(chosen):
+    q = jnp.zeros((2, 16, 4, 8))
+    attention(q, q, q, 0.2, jax.random.key(0), implementation='blockwise')
+    attention(q, q, q, implementation='dense')
+    assert chosen == ['blockwise', 'dense']
+    with pytest.raises(ValueError, match='cudnn'):  # not on a CPU
+        attention(q.astype(jnp.bfloat16), q, q, implementation='cudnn')
+    with pytest.raises(ValueError, match='flash'):
+        attention(q, q, q, implementation='flash')
