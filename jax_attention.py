@@ -218,7 +218,7 @@ def blockwise_attention(q, k, v, dropout_rate=0.0, dropout_key=None, block_q=128
     Tk = -(-Tq // bk) * bk  # keys padded to the blocks that the last queries see, masked as keys after them
     # heads per tile: the most that divide B * nh and keep the tile within tile_size
     H = max(h for h in range(1, B * nh + 1) if (B * nh) % h == 0 and (h == 1 or h * bq * bk <= tile_size))
-    G = B * nh // H  # groups of heads, one after the other
+    G = B * nh // H  # groups of heads, run one after the other (lax.map)
 
     # group g holds heads g, g + G, g + 2G, ...: a batch sharded over devices (jit on sharded inputs)
     # then shards every group's H heads, if H is a multiple of the device count; groups of neighbouring
