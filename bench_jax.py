@@ -37,6 +37,7 @@ vocab_size = 0  # 0: the dataset's meta.pkl when it has one, else GPT-2's 50304
 dropout = 0.0
 bias = False
 remat = False  # recompute each block's activations in the backward pass
+attention = 'auto'  # 'dense', 'blockwise' or 'cudnn' attention; 'auto' picks (see jax_attention.attention)
 gradient_accumulation_steps = 1  # micro-steps per iteration, shared by the devices as in train_jax.py
 real_data = True  # random windows of data_root/dataset/train.bin when it is prepared; False: random tokens
 dataset = 'openwebtext'
@@ -138,7 +139,7 @@ if vocab_size == 0:
         vocab_size = checks.read_meta(meta_path, ['vocab_size'])['vocab_size']
 if 'jax' in contenders or sample:
     config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                       n_embd=n_embd, dropout=dropout, bias=bias, dtype=dtype, remat=remat)
+                       n_embd=n_embd, dropout=dropout, bias=bias, dtype=dtype, remat=remat, attention=attention)
     mesh = tu.make_mesh()
     devices = jax.devices()
     print(f"{len(devices)} x {devices[0].device_kind}, ", end='')

@@ -238,19 +238,20 @@ def attention(q, k, v, dropout_rate=0.0, dropout_key=None, implementation='auto'
     'auto'. Dropout when dropout_key is given and the rate is not 0. cuDNN runs on NVIDIA GPUs only,
     in bfloat16 or float16, without dropout. 'auto' takes cuDNN where it runs; else on a CPU,
     blockwise from T = 64 once the B * nh * T * T scores outgrow 2^19 floats (2 MiB, the L2 cache
-    of the AMD EPYC measured), and dense below, where it measured faster (fwd+bwd on one core,
-    (B, nh, T, hs) = (12, 4, 64, 32): dense 2.1 ms, blockwise 2.9; (128, 4, 64, 32): 54 and 35;
-    (512, 4, 32, 32): 74 and 85); elsewhere dense, as blockwise was sized and timed on CPUs only."""
+    of the AMD EPYC measured), and dense below, where it measured faster (docs/performance.md);
+    on GPUs and TPUs, whose speed with blockwise's small tiles is not measured, dense as long as
+    a layer's float32 scores stay under 1 GiB, and blockwise beyond, where dense memory grows
+    with T * T."""
     B, T, nh, _ = q.shape
     dropout = dropout_key is not None and dropout_rate > 0.0
     cudnn_runs = jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) and not dropout
     if implementation == 'auto':
         if cudnn_runs:
             implementation = 'cudnn'
-        elif jax.default_backend() == 'cpu' and T >= 64 and B * nh * T * T > 2 ** 19:
-            implementation = 'blockwise'
+        elif jax.default_backend() == 'cpu':
+            implementation = 'blockwise' if T >= 64 and B * nh * T * T > 2 ** 19 else 'dense'
         else:
-            implementation = 'dense'
+            implementation = 'blockwise' if 4 * B * nh * T * T > 2 ** 30 else 'dense'
     if implementation == 'dense':
         return dense_attention(q, k, v, 0, dropout_rate, dropout_key)
     if implementation == 'blockwise':

@@ -390,7 +390,7 @@ def all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
 
 
-def memory_advice(where, remat, fsdp, n_devices, resuming):
+def memory_advice(where, remat, fsdp, attention, n_devices, resuming):
     """What to try when where ('the training step', 'evaluation', 'sampling') needs more memory than
     the devices have, among what the run does not do yet: remat helps the training step's backward
     pass alone, fsdp needs several devices, a resumed run keeps its checkpoint's block_size."""
@@ -399,6 +399,8 @@ def memory_advice(where, remat, fsdp, n_devices, resuming):
     tries = ["a smaller --batch_size with more --gradient_accumulation_steps (the same tokens per iteration)"]
     if not remat and where == 'the training step':
         tries.append("--remat=True")
+    if attention != 'blockwise':
+        tries.append("--attention=blockwise")
     if not fsdp and n_devices > 1:
         tries.append("--fsdp=True")
     if not resuming:

@@ -159,16 +159,18 @@ def test_auto_on_cpu_follows_the_rule(chosen, B, T, rate, want):
     assert chosen == [want]
 
 
-@pytest.mark.parametrize('dtype, rate, want', [
-    (jnp.bfloat16, 0.0, 'cudnn'), (jnp.float16, 0.0, 'cudnn'),
-    (jnp.bfloat16, 0.2, 'dense'), (jnp.float32, 0.0, 'dense'),
+@pytest.mark.parametrize('dtype, rate, B, want', [
+    (jnp.bfloat16, 0.0, 8, 'cudnn'), (jnp.float16, 0.0, 8, 'cudnn'),
+    (jnp.bfloat16, 0.2, 8, 'dense'), (jnp.float32, 0.0, 8, 'dense'),
+    (jnp.bfloat16, 0.2, 128, 'blockwise'), (jnp.float32, 0.0, 128, 'blockwise'),  # a layer's scores: 2 GiB
 ])
-def test_auto_on_gpu_takes_cudnn_where_it_runs(chosen, monkeypatch, dtype, rate, want):
+def test_auto_on_gpu_takes_cudnn_where_it_runs(chosen, monkeypatch, dtype, rate, B, want):
+    """Elsewhere dense, until a layer's float32 scores (B, nh, T, T) outgrow 1 GiB."""
     monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-    q = jnp.zeros((8, 1024, 4, 1), dtype)
+    q = jnp.zeros((B, 1024, 4, 1), dtype)
     attention(q, q, q, rate, jax.random.key(0))
     attention(q, q, q, rate, None)  # no key: no dropout
-    assert chosen == [want, 'cudnn' if dtype != jnp.float32 else 'dense']
+    assert chosen == [want, 'cudnn' if dtype != jnp.float32 else want]
 
 
 def test_forced_choices(chosen):

@@ -302,17 +302,18 @@ def test_out_of_memory_message_offers_what_the_run_does_not_do_yet():
     """The same line for a GPU's message, which names the size, and a TPU's, which does not; remat
     helps the training step alone, fsdp needs several devices, a resumed run keeps its block_size."""
     gpu = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25769803776 bytes.")
-    advice = tu.memory_advice('the training step', remat=False, fsdp=False, n_devices=8, resuming=False)
+    advice = tu.memory_advice('the training step', remat=False, fsdp=False, attention='blockwise', n_devices=8,
+                              resuming=False)
     assert tu.out_of_memory_message(gpu, 'the training step', 1_500_000_000, advice) == \
         "out of memory in the training step (allocating 24.0 GiB, with 1.4 GiB of params and optimizer state per " \
         "device): try a smaller --batch_size with more --gradient_accumulation_steps (the same tokens per " \
         "iteration), or --remat=True, or --fsdp=True, or a shorter --block_size"
     tpu = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.5G of 15.48G hbm.")
-    advice = tu.memory_advice('evaluation', remat=False, fsdp=False, n_devices=1, resuming=True)
+    advice = tu.memory_advice('evaluation', remat=False, fsdp=False, attention='auto', n_devices=1, resuming=True)
     assert tu.out_of_memory_message(tpu, 'evaluation', 500 * 2**20, advice) == \
         "out of memory in evaluation (RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm, with 500.0 MiB of " \
         "params and optimizer state per device): try a smaller --batch_size with more " \
-        "--gradient_accumulation_steps (the same tokens per iteration)"
+        "--gradient_accumulation_steps (the same tokens per iteration), or --attention=blockwise"
 
 
 def test_memory_is_predicted_from_the_compiled_program(monkeypatch):

@@ -373,5 +373,5 @@ def test_a_run_that_cannot_fit_in_memory_stops_before_any_work(reference, data_r
     assert code == 1 and re.fullmatch(
         r"error: evaluation needs [\d,.]+ GiB of memory \(2 CPU devices x [\d,.]+ GiB\), more than the [\d,.]+ GiB "
         r"available: try a smaller --batch_size with more --gradient_accumulation_steps \(the same tokens per "
-        r"iteration\), or --fsdp=True, or a shorter --block_size\n", stderr), stderr[-3000:]
+        r"iteration\), or --attention=blockwise, or --fsdp=True, or a shorter --block_size\n", stderr), stderr[-3000:]
     assert not lines(stdout, 'step ') and file_hashes(tmp_path) == before

@@ -52,6 +52,7 @@ n_embd = 768
 dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
 bias = False  # do we use bias inside LayerNorm and Linear layers?
 remat = False  # recompute each block's activations in the backward pass: less memory, more compute
+attention = 'auto'  # 'dense', 'blockwise' (flash-style, memory O(T)) or 'cudnn' (NVIDIA, bf16); 'auto' picks
 # adamw optimizer
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
@@ -213,7 +214,7 @@ if block_size < model_config.block_size:
     params, model_config = crop_block_size(params, model_config, block_size)
     model_args['block_size'] = block_size  # so that the checkpoint will have the right value
 # how this run computes, which is not in the checkpoint
-model_config = dataclasses.replace(model_config, dropout=dropout, dtype=dtype, remat=remat)
+model_config = dataclasses.replace(model_config, dropout=dropout, dtype=dtype, remat=remat, attention=attention)
 
 # every token of the data must be in the model's vocabulary
 vocab_from = {'scratch': meta_path if meta_vocab_size else "GPT-2's, padded", 'resume': "the checkpoint's"}
@@ -252,12 +253,16 @@ if peak_flops == 0.0:
 dropout_key = jax.random.fold_in(key, 1)
 
 # compile the steps now: a run that cannot fit in the devices' memory stops before any work
-memory_advice = lambda where: tu.memory_advice(where, remat, fsdp, len(devices), init_from == 'resume')
-eval_step = tu.eval_loss.lower(state, *[tu.batch_spec(mesh, eval_layout, block_size)] * 2).compile()
-compiled = {'evaluation': eval_step}
-if not eval_only:
-    train_step = train_step.lower(state, *[tu.batch_spec(mesh, train_layout, block_size)] * 2, dropout_key).compile()
-    compiled['the training step'] = train_step
+memory_advice = lambda where: tu.memory_advice(where, remat, fsdp, attention, len(devices), init_from == 'resume')
+try:
+    eval_step = tu.eval_loss.lower(state, *[tu.batch_spec(mesh, eval_layout, block_size)] * 2).compile()
+    compiled = {'evaluation': eval_step}
+    if not eval_only:
+        train_step = train_step.lower(state, *[tu.batch_spec(mesh, train_layout, block_size)] * 2,
+                                      dropout_key).compile()
+        compiled['the training step'] = train_step
+except ValueError as e:  # an attention that cannot run here
+    die(str(e))
 for where, program in compiled.items():
     shortage = tu.memory_shortage(program, where, state_bytes, memory_advice(where))
     if tu.max_over_processes(int(shortage is not None)):  # all processes stop, not one
