@@ -117,7 +117,8 @@ if 'jax' in contenders or sample:
     tu.configure_devices(device, 1 if sample else cpu_devices, [(gradient_accumulation_steps, batch_size)])
     try:
         dtype = tu.resolve_dtype(dtype)
-        layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count())  # as train_jax.py
+        layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count(),  # as train_jax.py
+                                 shared_memory=jax.default_backend() == 'cpu')
     except ValueError as e:
         die(str(e))
     device_type = jax.default_backend()

@@ -91,12 +91,16 @@ def make_mesh():
     return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def batch_layout(n_batches, batch_size, n_devices, name='gradient_accumulation_steps'):
+def batch_layout(n_batches, batch_size, n_devices, name='gradient_accumulation_steps', shared_memory=False):
     """How n_batches batches of batch_size rows run on n_devices data parallel devices, as
     (steps, rows per step): whole batches per device when n_devices divides n_batches (nanoGPT's
     DDP divides gradient_accumulation_steps by its world size), else each batch split over the
-    devices. The rows, and so the mean loss and gradient, are the same for any n_devices.
+    devices. Devices in one shared_memory (a CPU's cores) split each batch first where they can:
+    they then hold one batch's activations at a time, as PyTorch on the same cores, not one each.
+    The rows, and so the mean loss and gradient, are the same for any n_devices.
     ValueError, saying what would work, when neither divides; name is n_batches' config key."""
+    if shared_memory and batch_size % n_devices == 0:
+        return n_batches, batch_size
     if n_batches % n_devices == 0:
         return n_batches // n_devices, batch_size * n_devices
     if batch_size % n_devices == 0:

@@ -112,8 +112,9 @@ if not eval_only:  # one training run per out_dir; eval_only reads the checkpoin
 try:
     dtype = tu.resolve_dtype(dtype)
     # one iteration is gradient_accumulation_steps x batch_size rows, however many devices share it
-    train_layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count())
-    eval_layout = tu.batch_layout(eval_iters, batch_size, jax.device_count(), name='eval_iters')
+    cpu = jax.default_backend() == 'cpu'  # its devices share the machine's memory
+    train_layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count(), shared_memory=cpu)
+    eval_layout = tu.batch_layout(eval_iters, batch_size, jax.device_count(), name='eval_iters', shared_memory=cpu)
 except ValueError as e:
     die(str(e))
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
