@@ -37,6 +37,8 @@ def check_train_config(config):
         at_least(config, key, 0)
     for key in ('dropout', 'beta1', 'beta2'):
         in_unit_interval(config, key)
+    if config['attention'] not in ('auto', 'dense', 'blockwise', 'cudnn'):
+        die(f"attention={config['attention']!r} is not allowed: use 'auto', 'dense', 'blockwise' or 'cudnn'")
     if config['init_from'] == 'scratch':  # a resumed or pretrained model has the shape of its checkpoint
         for key in ('n_layer', 'n_head', 'n_embd'):
             at_least(config, key, 1)

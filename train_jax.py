@@ -53,6 +53,7 @@ n_embd = 768
 dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
 bias = False  # do we use bias inside LayerNorm and Linear layers?
 remat = False  # recompute each block's activations in the backward pass: less memory, more compute
+attention = 'auto'  # 'dense', 'blockwise' (flash-style, memory O(T)) or 'cudnn' (NVIDIA, bf16); 'auto' picks
 # adamw optimizer
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
@@ -115,8 +116,9 @@ if not eval_only:  # one training run per out_dir; eval_only reads the checkpoin
 try:
     dtype = tu.resolve_dtype(dtype)
     # one iteration is gradient_accumulation_steps x batch_size rows, however many devices share it
-    train_layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count())
-    eval_layout = tu.batch_layout(eval_iters, batch_size, jax.device_count(), name='eval_iters')
+    cpu = jax.default_backend() == 'cpu'  # its devices share the machine's memory
+    train_layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count(), shared_memory=cpu)
+    eval_layout = tu.batch_layout(eval_iters, batch_size, jax.device_count(), name='eval_iters', shared_memory=cpu)
 except ValueError as e:
     die(str(e))
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
@@ -217,7 +219,7 @@ if block_size < model_config.block_size:
     params, model_config = crop_block_size(params, model_config, block_size)
     model_args['block_size'] = block_size  # so that the checkpoint will have the right value
 # how this run computes, which is not in the checkpoint
-model_config = dataclasses.replace(model_config, dropout=dropout, dtype=dtype, remat=remat)
+model_config = dataclasses.replace(model_config, dropout=dropout, dtype=dtype, remat=remat, attention=attention)
 
 # every token of the data must be in the model's vocabulary
 vocab_from = {'scratch': meta_path if meta_vocab_size else "GPT-2's, padded", 'resume': "the checkpoint's"}
@@ -257,13 +259,29 @@ if peak_flops == 0.0:
     peak_flops = tu.device_peak_flops(devices[0]) or 0.0
 dropout_key = jax.random.fold_in(key, 1)
 
+# compile the steps now: a run that cannot fit in the devices' memory stops before any work
+memory_advice = lambda where: tu.memory_advice(where, remat, fsdp, attention, len(devices), init_from == 'resume')
+try:
+    eval_step = tu.eval_loss.lower(state, *[tu.batch_spec(mesh, eval_layout, block_size)] * 2).compile()
+    compiled = {'evaluation': eval_step}
+    if not eval_only:
+        train_step = train_step.lower(state, *[tu.batch_spec(mesh, train_layout, block_size)] * 2,
+                                      dropout_key).compile()
+        compiled['the training step'] = train_step
+except ValueError as e:  # an attention that cannot run here
+    die(str(e))
+for where, program in compiled.items():
+    shortage = tu.memory_shortage(program, where, state_bytes, memory_advice(where))
+    if tu.max_over_processes(int(shortage is not None)):  # all processes stop, not one
+        die(shortage or f"{where} does not fit in the memory of another process's devices: see its error", code=1)
+
 
 def estimate_loss():
     """Mean loss over eval_iters batches of each split, dropout off, on all devices."""
     out = {}
     for split, stream in tu.EVAL_STREAMS.items():
         x, y = get_batch(split, iter_num, eval_layout, stream)
-        out[split] = float(tu.eval_loss(state, x, y))
+        out[split] = float(eval_step(state, x, y))
     return out
 
 
@@ -275,7 +293,7 @@ def save_checkpoint():
         print(f"saving checkpoint to {out_dir}")
     try:
         checkpoints.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
-                                            'best_val_loss': best_val_loss, 'config': config})
+                                                     'best_val_loss': best_val_loss, 'config': config})
     except OSError as e:
         last = manager.latest_step()
         die(f"saving the checkpoint to {out_dir!r} failed: {e}; " +
@@ -295,7 +313,7 @@ def out_of_memory(error, where):
     """Stop with what to change when the devices ran out of memory; any other error goes on up."""
     if 'RESOURCE_EXHAUSTED' not in str(error):
         raise error
-    die(tu.out_of_memory_message(error, where, state_bytes, remat, fsdp, len(devices)), code=1)
+    die(tu.out_of_memory_message(error, where, state_bytes, memory_advice(where)), code=1)
 
 
 # logging
