@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jax_transformer import GPTConfig, param_shapes
-from jax_train_utils import AdamWState, max_over_processes
+from jax_train_utils import AdamWState
+from processes import max_over_processes
 from nanogpt_checkpoints import NANOGPT_CHECKPOINT, read_nanogpt_checkpoint
 
 # -----------------------------------------------------------------------------

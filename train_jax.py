@@ -90,6 +90,7 @@ from jax.experimental import multihost_utils
 
 import checkpoints
 import jax_train_utils as tu
+import processes
 from gpt2_weights import GPT2_MODELS, from_pretrained
 from jax_transformer import (GPTConfig, ARCHITECTURE_KEYS, init_params, param_shapes, count_params,
                              crop_block_size, estimate_mfu)
@@ -101,7 +102,7 @@ if init_from not in ('scratch', 'resume') + GPT2_MODELS and not os.path.isdir(in
 
 tu.configure_devices(device, cpu_devices, [(gradient_accumulation_steps, batch_size), (eval_iters, batch_size)])
 tu.use_compilation_cache(compilation_cache)
-tu.init_distributed()
+processes.init_distributed()
 master_process = jax.process_index() == 0  # this process does logging, checkpointing etc.
 if not eval_only:  # one training run per out_dir; eval_only reads the checkpoint alone, as sampling does
     try:
@@ -309,7 +310,7 @@ t0 = time.time()
 iters_timed = 0  # iterations since t0
 local_iter_num = 0  # number of iterations in the lifetime of this process
 running_mfu = -1.0
-stop_signals = tu.catch_stop_signals()  # SIGTERM, ^C: finish the iteration, save, exit
+stop_signals = processes.catch_stop_signals()  # SIGTERM, ^C: finish the iteration, save, exit
 stop = 0
 while True:
     # evaluate the loss on train/val sets and write checkpoints
@@ -368,7 +369,7 @@ while True:
     # termination conditions
     if iter_num > max_iters:
         break
-    stop = tu.stop_signal(stop_signals, iter_num % log_interval == 0)
+    stop = processes.stop_signal(stop_signals, iter_num % log_interval == 0)
     if stop:
         if master_process:
             print(f"{signal.Signals(stop).name} received: stopping at iter {iter_num}")
