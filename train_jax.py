@@ -75,6 +75,8 @@ fsdp = False  # shard params and optimizer state over the devices, for models to
 fsdp_min_size = 2 ** 16  # with fsdp, arrays with fewer elements stay replicated on every device
 peak_flops = 0.0  # peak FLOP/s of one device, for MFU; 0.0 looks the device up
 compilation_cache = '~/.cache/nanogpt_jax'  # compiled programs kept for the next run of the same shapes; '' turns it off
+join_timeout = 300  # multi-host: seconds for every process to join, else each says who came
+process_timeout = 60  # multi-host: seconds without a sign of a process before the others stop; see README
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 config = {k: globals()[k] for k in config_keys(globals())}  # will be useful for logging
@@ -102,7 +104,8 @@ if init_from not in ('scratch', 'resume') + GPT2_MODELS and not os.path.isdir(in
 
 tu.configure_devices(device, cpu_devices, [(gradient_accumulation_steps, batch_size), (eval_iters, batch_size)])
 tu.use_compilation_cache(compilation_cache)
-processes.init_distributed()
+processes.init_distributed(join_timeout, process_timeout, out_dir)
+processes.check_same_everywhere(config, os.path.join(data_root, dataset))
 master_process = jax.process_index() == 0  # this process does logging, checkpointing etc.
 if not eval_only:  # one training run per out_dir; eval_only reads the checkpoint alone, as sampling does
     try:
@@ -272,6 +275,7 @@ def save_checkpoint():
         checkpoints.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
                                             'best_val_loss': best_val_loss, 'config': config})
     except OSError as e:
+        processes.wait_for_lost_process()  # a save that fails on a multi-host run may be the sign of a lost process
         last = manager.latest_step()
         die(f"saving the checkpoint to {out_dir!r} failed: {e}; " +
             (f"the last complete checkpoint (iter {last}) is kept: fix that and resume with --init_from=resume"
@@ -369,7 +373,7 @@ while True:
     # termination conditions
     if iter_num > max_iters:
         break
-    stop = processes.stop_signal(stop_signals, iter_num % log_interval == 0)
+    stop = processes.stop_signal(stop_signals, iter_num, iter_num % log_interval == 0)
     if stop:
         if master_process:
             print(f"{signal.Signals(stop).name} received: stopping at iter {iter_num}")
