@@ -225,7 +225,7 @@ def watch(process_timeout):
     report_error = sys.excepthook
 
     def excepthook(kind, error, traceback):
-        if issubclass(kind, jax.errors.JaxRuntimeError):  # a collective with a process that died fails so
+        if not issubclass(kind, KeyboardInterrupt):  # a collective with a process that died fails, in many kinds
             wait_for_lost_process()
         report_error(kind, error, traceback)
     sys.excepthook = excepthook

@@ -142,11 +142,21 @@ def a_save_in_progress(out_dir):
     return ready
 
 
+def training_past_a_checkpoint(out_dir):
+    """A ready for kill_when: process 0 has logged the iteration after a checkpoint, and no save is
+    in progress: the processes are in the collectives of a training step."""
+    def ready():
+        steps = saved_steps(out_dir)
+        metrics = os.path.join(out_dir, 'metrics.csv')
+        return steps and not unfinished_saves(out_dir) and os.path.exists(metrics) and \
+            any(row.startswith(f'{steps[-1] + 1},') for row in open(metrics))
+    return ready
+
+
 @pytest.fixture(scope='module')
 def killed_1_between_saves(chain, script_env):
     out_dir, _ = chain
-    return stage(chain, script_env, kill_when(1, lambda: saved_steps(out_dir) and not unfinished_saves(out_dir)),
-                 resume=False)
+    return stage(chain, script_env, kill_when(1, training_past_a_checkpoint(out_dir)), resume=False)
 
 
 @pytest.fixture(scope='module')
