@@ -37,8 +37,13 @@ def start_two(args, script_env, port, ports=None, extra=((), ())):
 
 
 def finish(procs, timeout=300):
-    """[(exit code, stdout, stderr)] of each process, once all have ended."""
-    outs = [p.communicate(timeout=timeout) for p in procs]
+    """[(exit code, stdout, stderr)] of each process, once all have ended; those still running
+    after timeout seconds are killed, and the test fails."""
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # nothing for one that has ended
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
 
 
@@ -93,7 +98,11 @@ def stage(chain, script_env, stop, resume=True):
     start = saved_steps(out_dir)[-1] if resume else 0
     with reserved_port() as port:
         procs = start_two(args + (['--init_from=resume'] if resume else []), script_env, port)
-        results, seconds = stop(procs)
+        try:
+            results, seconds = stop(procs)
+        finally:
+            for p in procs:
+                p.kill()  # nothing for one that has ended
     return dict(start=start, results=results, seconds=seconds, kept=saved_steps(out_dir)[-1])
 
 
@@ -236,6 +245,23 @@ def test_kill_9_of_process_1_during_a_save(chain, killed_1_during_a_save, finish
     assert finished['start'] == killed['kept']
     assert_continues(stdout, killed['kept'], reference)
     assert lines(stdout, 'iter ')[-1].startswith('iter 12:') and not unfinished_saves(out_dir)
+
+
+def test_a_process_that_crashes_stops_the_other(data_root, tmp_path_factory, script_env):
+    """Process 1 reads a damaged meta.pkl and stops with its own error, while jax keeps it in the
+    run until every process ends (its heartbeat goes on): process 0 stops within process_timeout,
+    as the process no longer beats."""
+    root, out_dir = tmp_path_factory.mktemp('damaged'), tmp_path_factory.mktemp('crash')
+    shutil.copytree(data_root / 'tiny', root / 'tiny')
+    (root / 'tiny' / 'meta.pkl').write_bytes(b'x' * os.path.getsize(root / 'tiny' / 'meta.pkl'))  # the same size
+    with reserved_port() as port:
+        [(code, _, stderr), (crashed, _, crash)] = finish(start_two(
+            TWO + [f'--data_root={data_root}', f'--out_dir={out_dir}'], script_env, port,
+            extra=([], [f'--data_root={root}'])))
+    assert crashed != 0 and crash == f"error: cannot read {root}/tiny/meta.pkl (UnpicklingError): prepare the " \
+                                     f"dataset again\n"
+    assert (code, stderr) == (1, "error: before training started: process 1 of 2 stopped answering, so the run "
+                                 "stops; no checkpoint was written: restart every process\n")
 
 
 # -----------------------------------------------------------------------------
