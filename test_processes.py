@@ -2,9 +2,10 @@
 this machine's CPU (gloo collectives), their coordinator on 127.0.0.1. kill -9 of a process, between
 saves or during one, process 0 (the coordinator) included, stops the other with one line and exit
 code 1 within process_timeout; a process that does not join, a wrong coordinator address, another
-config or other data stop every process at start with one line and exit code 2; SIGTERM to one
-process stops both at the same iteration with a checkpoint. Resumed with both processes, the run
-prints the losses of the uninterrupted one.
+config or other data stop every process at start with one line and exit code 2; a process that
+crashes stops the other as a killed one does; SIGTERM to one process stops both at the same
+iteration with a checkpoint. Resumed with both processes, the run prints the losses of the
+uninterrupted one.
 
 The runs stopped mid-way form one chain on one out_dir, each resuming where the one before stopped,
 so that each case costs one start of two processes (which is slow: process 1 compiles what
@@ -26,10 +27,9 @@ JOIN_TIMEOUT = 3  # seconds: the tests' wait for a process that does not join; t
 TWO = ARGS + ['--cpu_devices=1', f'--process_timeout={PROCESS_TIMEOUT}', '--join_timeout=60']
 
 
-def start_two(args, script_env, port, ports=None, extra=((), ())):
-    """The two processes of a run coordinated on 127.0.0.1:port, each given args and its extra
-    args; with ports, only those processes, process i told the coordinator is at ports[i]."""
-    ports = ports or [port, port]
+def start_run(args, script_env, ports, extra=((), ())):
+    """The processes of a run of two, one per port of ports, process i given args and extra[i] and
+    told that the coordinator is at 127.0.0.1:ports[i]."""
     return [start_script('train_jax.py', list(args) + list(extra[i]),
                          dict(script_env, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{ports[i]}', JAX_NUM_PROCESSES='2',
                               JAX_PROCESS_ID=str(i)))
@@ -54,12 +54,6 @@ def freeze(p):
 
 def saved_steps(out_dir):
     return sorted(int(n) for n in os.listdir(out_dir) if n.isdigit())
-
-
-def lost_line(process, out_dir, kept):
-    """The line of the survivor of process, as a regular expression (the iteration it stops at varies)."""
-    return (rf"error: iter \d+: process {process} of 2 stopped answering, so the run stops; the last checkpoint in "
-            rf"'{re.escape(str(out_dir))}' \(iter {kept}\) is kept: restart every process with --init_from=resume\n")
 
 
 def assert_continues(stdout, start, reference):
@@ -97,7 +91,7 @@ def stage(chain, script_env, stop, resume=True):
     out_dir, args = chain
     start = saved_steps(out_dir)[-1] if resume else 0
     with reserved_port() as port:
-        procs = start_two(args + (['--init_from=resume'] if resume else []), script_env, port)
+        procs = start_run(args + (['--init_from=resume'] if resume else []), script_env, [port, port])
         try:
             results, seconds = stop(procs)
         finally:
@@ -192,23 +186,28 @@ def finished(chain, killed_1_during_a_save, script_env):
     return stage(chain, script_env, lambda procs: (finish(procs), None))
 
 
+def assert_lost(victim, killed, resumed, out_dir, reference):
+    """The stage killed killed the victim process: the other one stopped within process_timeout
+    with its one line and exit code 1, and the next stage, resumed, continued from the checkpoint
+    that line names, with the losses of the reference run."""
+    code, _, stderr = killed['results'][1 - victim]
+    assert killed['results'][victim][0] == -signal.SIGKILL and code == 1 and re.fullmatch(
+        rf"error: iter \d+: process {victim} of 2 stopped answering, so the run stops; the last checkpoint in "
+        rf"'{re.escape(str(out_dir))}' \(iter {killed['kept']}\) is kept: restart every process with "
+        rf"--init_from=resume\n", stderr), stderr[-3000:]
+    assert killed['seconds'] < PROCESS_TIMEOUT + 2
+    assert resumed['start'] == killed['kept']
+    assert_continues(resumed['results'][0][1], killed['kept'], reference)
+
+
 def test_kill_9_of_process_1_between_saves(chain, killed_1_between_saves, sigterm_to_1, reference):
     """Process 0 stops within process_timeout, saying which process it lost, at which iteration,
     the checkpoint kept and what to do; resumed, the run continues from that checkpoint."""
-    out_dir, _ = chain
-    killed = killed_1_between_saves
-    [(code, _, stderr), (victim, _, _)] = killed['results']
-    assert victim == -signal.SIGKILL and code == 1 and re.fullmatch(lost_line(1, out_dir, killed['kept']), stderr), \
-        stderr[-3000:]
-    assert killed['seconds'] < PROCESS_TIMEOUT + 2
-    assert sigterm_to_1['start'] == killed['kept']
-    assert_continues(sigterm_to_1['results'][0][1], killed['kept'], reference)
+    assert_lost(1, killed_1_between_saves, sigterm_to_1, chain[0], reference)
 
 
-def test_sigterm_to_process_1_alone_stops_both_at_one_iteration(chain, sigterm_to_1, killed_0_during_a_save,
-                                                                 reference):
+def test_sigterm_to_process_1_alone_stops_both_at_one_iteration(sigterm_to_1, killed_0_during_a_save, reference):
     """Both processes finish the iteration, save and exit with 143, as a single process does."""
-    out_dir, _ = chain
     [(code_0, stdout, err_0), (code_1, _, err_1)] = sigterm_to_1['results']
     assert (code_0, code_1) == (128 + signal.SIGTERM,) * 2, err_0[-3000:] + err_1[-3000:]
     stopped_at = int(re.search(r'^SIGTERM received: stopping at iter (\d+)\nsaving checkpoint', stdout, re.M)[1])
@@ -221,30 +220,17 @@ def test_kill_9_of_process_0_during_a_save(chain, killed_0_during_a_save, killed
     """Process 1 loses the coordination service with process 0, and stops at once with the same
     kind of line; process 0's unfinished save is removed when the run starts again, and the run
     continues from the last complete checkpoint."""
-    out_dir, _ = chain
-    killed = killed_0_during_a_save
-    [(victim, _, _), (code, _, stderr)] = killed['results']
-    assert victim == -signal.SIGKILL and code == 1 and re.fullmatch(lost_line(0, out_dir, killed['kept']), stderr), \
-        stderr[-3000:]
-    assert killed['seconds'] < PROCESS_TIMEOUT + 2
-    assert killed_1_during_a_save['unfinished_before'] and killed_1_during_a_save['start'] == killed['kept']
-    assert_continues(killed_1_during_a_save['results'][0][1], killed['kept'], reference)
+    assert_lost(0, killed_0_during_a_save, killed_1_during_a_save, chain[0], reference)
+    assert killed_1_during_a_save['unfinished_before']
 
 
 def test_kill_9_of_process_1_during_a_save(chain, killed_1_during_a_save, finished, reference):
     """Process 0, whose save fails as process 1 dies, stops with the line of a lost process, not
     of a failed save; resumed, the run goes on to its end."""
-    out_dir, _ = chain
-    killed = killed_1_during_a_save
-    [(code, _, stderr), (victim, _, _)] = killed['results']
-    assert victim == -signal.SIGKILL and code == 1 and re.fullmatch(lost_line(1, out_dir, killed['kept']), stderr), \
-        stderr[-3000:]
-    assert killed['seconds'] < PROCESS_TIMEOUT + 2
+    assert_lost(1, killed_1_during_a_save, finished, chain[0], reference)
     [(code_0, stdout, err_0), (code_1, _, err_1)] = finished['results']
     assert (code_0, code_1) == (0, 0), err_0[-3000:] + err_1[-3000:]
-    assert finished['start'] == killed['kept']
-    assert_continues(stdout, killed['kept'], reference)
-    assert lines(stdout, 'iter ')[-1].startswith('iter 12:') and not unfinished_saves(out_dir)
+    assert lines(stdout, 'iter ')[-1].startswith('iter 12:') and not unfinished_saves(chain[0])
 
 
 def test_a_process_that_crashes_stops_the_other(data_root, tmp_path_factory, script_env):
@@ -255,8 +241,8 @@ def test_a_process_that_crashes_stops_the_other(data_root, tmp_path_factory, scr
     shutil.copytree(data_root / 'tiny', root / 'tiny')
     (root / 'tiny' / 'meta.pkl').write_bytes(b'x' * os.path.getsize(root / 'tiny' / 'meta.pkl'))  # the same size
     with reserved_port() as port:
-        [(code, _, stderr), (crashed, _, crash)] = finish(start_two(
-            TWO + [f'--data_root={data_root}', f'--out_dir={out_dir}'], script_env, port,
+        [(code, _, stderr), (crashed, _, crash)] = finish(start_run(
+            TWO + [f'--data_root={data_root}', f'--out_dir={out_dir}'], script_env, [port, port],
             extra=([], [f'--data_root={root}'])))
     assert crashed != 0 and crash == f"error: cannot read {root}/tiny/meta.pkl (UnpicklingError): prepare the " \
                                      f"dataset again\n"
@@ -272,14 +258,13 @@ def test_a_process_that_does_not_join_is_named(data_root, script_env, tmp_path):
     then says who came and who did not."""
     started = time.monotonic()
     with reserved_port() as port:
-        [(code, stdout, stderr)] = finish(start_two(TWO + [f'--data_root={data_root}', f'--out_dir={tmp_path}',
-                                                           f'--join_timeout={JOIN_TIMEOUT}'], script_env, port,
-                                                    ports=[port]))
+        [(code, stdout, stderr)] = finish(start_run(TWO + [f'--data_root={data_root}', f'--out_dir={tmp_path}',
+                                                           f'--join_timeout={JOIN_TIMEOUT}'], script_env, [port]))
     assert time.monotonic() - started < 50
-    assert (code, stderr) == (2, f"error: not every process joined the run within {JOIN_TIMEOUT} s: 2 processes were "
-                                 f"expected at 127.0.0.1:{port}; process 0 came; process 1 did not: start every process "
-                                 f"with the same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES, each with its own "
-                                 f"JAX_PROCESS_ID\n")
+    assert (code, stderr) == (2, f"error: not every process joined the run within {JOIN_TIMEOUT} s: 2 processes "
+                                 f"were expected at 127.0.0.1:{port}; process 0 came; process 1 did not: start every "
+                                 f"process with the same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES, each with its "
+                                 f"own JAX_PROCESS_ID\n")
     assert 'number of parameters' not in stdout and not saved_steps(tmp_path)
 
 
@@ -287,8 +272,8 @@ def test_a_wrong_coordinator_address_is_named(data_root, script_env, tmp_path):
     """Process 1 told another port than process 0's: both wait join_timeout seconds, then each says
     where the other went."""
     with reserved_port() as port, reserved_port() as wrong:
-        results = finish(start_two(TWO + [f'--data_root={data_root}', f'--out_dir={tmp_path}',
-                                          f'--join_timeout={JOIN_TIMEOUT}'], script_env, port, ports=[port, wrong]))
+        results = finish(start_run(TWO + [f'--data_root={data_root}', f'--out_dir={tmp_path}',
+                                          f'--join_timeout={JOIN_TIMEOUT}'], script_env, [port, wrong]))
     advice = ": start every process with the same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES, each with its own " \
              "JAX_PROCESS_ID\n"
     said = lambda expected, came: f"error: not every process joined the run within {JOIN_TIMEOUT} s: 2 processes " \
@@ -317,8 +302,8 @@ def test_processes_that_disagree_stop_with_the_same_line(difference, message, da
                                                          tmp_path):
     """Process 1 started with another config value or other data: both say so, before any work."""
     with reserved_port() as port:
-        results = finish(start_two(TWO + [f'--data_root={data_root}', f'--out_dir={tmp_path}'], script_env, port,
-                                   extra=([], [a.format(other=other_data_root) for a in difference])))
+        results = finish(start_run(TWO + [f'--data_root={data_root}', f'--out_dir={tmp_path}'], script_env,
+                                   [port, port], extra=([], [a.format(other=other_data_root) for a in difference])))
     line = f"error: the processes disagree: {message}: start every process with the same config and data\n"
     assert [(code, err) for code, _, err in results] == [(2, line), (2, line)]
     assert all('number of parameters' not in out for _, out, _ in results) and os.listdir(tmp_path) == []
@@ -339,7 +324,8 @@ def test_a_process_is_lost_when_its_beat_stops_or_process_0_when_the_service_doe
 
 def test_who_came_and_with_which_settings():
     me = dict(process=0, processes=4, coordinator='h0:1234')
-    came = [me, dict(process=1, processes=4, coordinator='h0:1235'), dict(process=3, processes=3, coordinator='h0:1234')]
+    came = [me, dict(process=1, processes=4, coordinator='h0:1235'),
+            dict(process=3, processes=3, coordinator='h0:1234')]
     assert processes.join_message(60, me, came) == (
         "not every process joined the run within 60 s: 4 processes were expected at h0:1234; process 0 came; "
         "process 1 came to h0:1235; process 3 came expecting 3 processes; process 2 did not: start every process "
