@@ -56,7 +56,7 @@ run = {
     'joined': False,
     'timeout': None,  # process_timeout
     'heard': None,  # from the coordination service (see watch): when last, and each process's last beat
-    'iter': None,  # the iteration this process is at, once training
+    'iter': None,  # the iteration this process is at, from the end of its first one
     'abort_handler': None,  # jax_aborted as a C function, kept alive as long as the process
 }
 
@@ -284,7 +284,7 @@ def jax_aborted():
 
 def where():
     """The iteration this process is at, in words, for its error lines."""
-    return "before training started" if run['iter'] is None else f"iter {run['iter']}"
+    return "while starting" if run['iter'] is None else f"iter {run['iter']}"
 
 
 def kept_checkpoint(out_dir):

@@ -246,7 +246,7 @@ def test_a_process_that_crashes_stops_the_other(data_root, tmp_path_factory, scr
             extra=([], [f'--data_root={root}'])))
     assert crashed != 0 and crash == f"error: cannot read {root}/tiny/meta.pkl (UnpicklingError): prepare the " \
                                      f"dataset again\n"
-    assert (code, stderr) == (1, "error: before training started: process 1 of 2 stopped answering, so the run "
+    assert (code, stderr) == (1, "error: while starting: process 1 of 2 stopped answering, so the run "
                                  "stops; no checkpoint was written: restart every process\n")
 
 
