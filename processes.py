@@ -381,9 +381,9 @@ def catch_stop_signals():
 
 
 def preempted(iter_num):
-    """Whether every process has reached the iteration at which jax's preemption service (a Cloud
-    TPU's preemption notice, in a multi-host run) has them all stop; it must be asked at every
-    iteration."""
+    """Whether every process has reached the iteration at which jax's preemption service has them
+    all stop, in a multi-host run: it takes a Cloud TPU's preemption notice, and SIGTERM until
+    catch_stop_signals does. It must be asked at every iteration."""
     return distributed.global_state.preemption_sync_manager is not None and \
         multihost_utils.reached_preemption_sync_point(iter_num)
 

@@ -314,7 +314,7 @@ t0 = time.time()
 iters_timed = 0  # iterations since t0
 local_iter_num = 0  # number of iterations in the lifetime of this process
 running_mfu = -1.0
-stop_signals = processes.catch_stop_signals()  # SIGTERM, ^C: finish the iteration, save, exit
+stop_signals = processes.catch_stop_signals()  # SIGTERM, ^C: finish the iteration, save, exit (a TPU's notice too)
 stop = 0
 while True:
     # evaluate the loss on train/val sets and write checkpoints
