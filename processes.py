@@ -131,7 +131,8 @@ def arrivals(folder, since):
     """The notes of announce in folder written since that time: the processes joining now, or that
     gave up recently; older ones are from earlier runs."""
     notes = []
-    for name in sorted((n for n in os.listdir(folder) if n.isdigit()), key=int) if os.path.isdir(folder) else []:
+    names = sorted((n for n in os.listdir(folder) if n.isdigit()), key=int) if os.path.isdir(folder) else []
+    for name in names:
         path = os.path.join(folder, name)
         try:
             if os.path.getmtime(path) >= since:
@@ -148,11 +149,10 @@ def join_message(join_timeout, me, came):
     differ from me's."""
     if me is None:
         return f"not every process joined the run within {join_timeout} s: check that all were started"
-    said = []
-    for other in came:
-        differs = [f"to {other['coordinator']}"] if other['coordinator'] != me['coordinator'] else []
-        differs += [f"expecting {other['processes']} processes"] if other['processes'] != me['processes'] else []
-        said.append(f"process {other['process']} came" + ''.join(' ' + d for d in differs))
+    said = [f"process {other['process']} came"
+            + (f" to {other['coordinator']}" if other['coordinator'] != me['coordinator'] else '')
+            + (f" expecting {other['processes']} processes" if other['processes'] != me['processes'] else '')
+            for other in came]
     missing = sorted(set(range(me['processes'])) - {other['process'] for other in came})
     if missing:
         said.append(f"process{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing))} did not")
