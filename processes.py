@@ -189,7 +189,9 @@ def watch(process_timeout):
     """Beat through the coordination service, and watch the others' beats, on threads of their
     own, while the main thread runs: a process whose beat has not changed for process_timeout
     seconds has stopped answering, and so has process 0, which holds the service, when this
-    process cannot reach the service for as long. Either stops this process (stop_lost)."""
+    process cannot reach the service for as long. Either stops this process (stop_lost). An
+    uncaught error of the main thread, but ^C, waits for the watch first (wait_for_lost_process),
+    so that the lost process is reported rather than the failed collective it caused."""
     client = distributed.global_state.client
     interval = process_timeout / BEATS_PER_TIMEOUT
     start = time.monotonic()
