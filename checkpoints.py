@@ -32,7 +32,8 @@ import orbax.checkpoint as ocp
 
 from gpt2_weights import from_pretrained
 from jax_transformer import GPTConfig, param_shapes
-from jax_train_utils import AdamWState, max_over_processes
+from jax_train_utils import AdamWState
+from processes import max_over_processes
 from nanogpt_checkpoints import NANOGPT_CHECKPOINT, read_nanogpt_checkpoint
 
 # -----------------------------------------------------------------------------

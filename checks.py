@@ -30,7 +30,7 @@ def in_unit_interval(config, key):
 def check_train_config(config):
     """The values of train_jax.py's config (a dict of its keys) that no run could use."""
     for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
-                'eval_iters'):
+                'eval_iters', 'join_timeout', 'process_timeout'):
         at_least(config, key, 1)
     for key in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay',
                 'grad_clip', 'hellaswag_interval'):

@@ -21,6 +21,8 @@ cpu_devices = 0  # on CPU, the JAX devices the cores become: 0 one per core (as 
 device = 'cuda'  # 'cpu' forces the CPU; any other value uses the GPU/TPU when present, else the CPU
 dtype = 'auto'  # 'float32' or 'bfloat16' compute ('auto': bfloat16 on GPU/TPU, float32 on CPU)
 compilation_cache = '~/.cache/nanogpt_jax'  # compiled programs kept for the next run of the same shapes; '' turns it off
+join_timeout = 300  # seconds for all the processes of a multi-host run to join (as in train_jax.py)
+process_timeout = 60  # seconds without a sign of a process after which the others stop (as in train_jax.py)
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
@@ -38,9 +40,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import checkpoints
 import hellaswag
 import jax_train_utils as tu
+import processes
 
 tu.configure_devices(device, cpu_devices, [(1, batch_size)])
-tu.init_distributed()
+processes.init_distributed(join_timeout, process_timeout, out_dir)
 master_process = jax.process_index() == 0  # this process prints
 tu.use_compilation_cache(compilation_cache)
 try:

@@ -77,6 +77,8 @@ fsdp = False  # shard params and optimizer state over the devices, for models to
 fsdp_min_size = 2 ** 16  # with fsdp, arrays with fewer elements stay replicated on every device
 peak_flops = 0.0  # peak FLOP/s of one device, for MFU; 0.0 looks the device up
 compilation_cache = '~/.cache/nanogpt_jax'  # compiled programs kept for the next run of the same shapes; '' turns it off
+join_timeout = 300  # multi-host: seconds for every process to join, else each says who came
+process_timeout = 60  # multi-host: seconds without a sign of a process before the others stop; see README
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 config = {k: globals()[k] for k in config_keys(globals())}  # will be useful for logging
@@ -95,6 +97,7 @@ from jax.experimental import multihost_utils
 import checkpoints
 import hellaswag
 import jax_train_utils as tu
+import processes
 from gpt2_weights import GPT2_MODELS, from_pretrained
 from jax_transformer import (GPTConfig, ARCHITECTURE_KEYS, init_params, param_shapes, count_params,
                              crop_block_size, estimate_mfu)
@@ -106,7 +109,8 @@ if init_from not in ('scratch', 'resume') + GPT2_MODELS and not os.path.isdir(in
 
 tu.configure_devices(device, cpu_devices, [(gradient_accumulation_steps, batch_size), (eval_iters, batch_size)])
 tu.use_compilation_cache(compilation_cache)
-tu.init_distributed()
+processes.init_distributed(join_timeout, process_timeout, out_dir)
+processes.check_same_everywhere(config, os.path.join(data_root, dataset))
 master_process = jax.process_index() == 0  # this process does logging, checkpointing etc.
 if not eval_only:  # one training run per out_dir; eval_only reads the checkpoint alone, as sampling does
     try:
@@ -272,7 +276,7 @@ except ValueError as e:  # an attention that cannot run here
     die(str(e))
 for where, program in compiled.items():
     shortage = tu.memory_shortage(program, where, state_bytes, memory_advice(where))
-    if tu.max_over_processes(int(shortage is not None)):  # all processes stop, not one
+    if processes.max_over_processes(int(shortage is not None)):  # all processes stop, not one
         die(shortage or f"{where} does not fit in the memory of another process's devices: see its error", code=1)
 
 
@@ -295,6 +299,7 @@ def save_checkpoint():
         checkpoints.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
                                                      'best_val_loss': best_val_loss, 'config': config})
     except OSError as e:
+        processes.wait_for_lost_process()  # a save that fails on a multi-host run may be the sign of a lost process
         last = manager.latest_step()
         die(f"saving the checkpoint to {out_dir!r} failed: {e}; " +
             (f"the last complete checkpoint (iter {last}) is kept: fix that and resume with --init_from=resume"
@@ -333,7 +338,7 @@ t0 = time.time()
 iters_timed = 0  # iterations since t0
 local_iter_num = 0  # number of iterations in the lifetime of this process
 running_mfu = -1.0
-stop_signals = tu.catch_stop_signals()  # SIGTERM, ^C: finish the iteration, save, exit
+stop_signals = processes.catch_stop_signals()  # SIGTERM, ^C: finish the iteration, save, exit (a TPU's notice too)
 stop = 0
 while True:
     # evaluate the loss on train/val sets and write checkpoints
@@ -403,7 +408,7 @@ while True:
     # termination conditions
     if iter_num > max_iters:
         break
-    stop = tu.stop_signal(stop_signals, iter_num % log_interval == 0)
+    stop = processes.stop_signal(stop_signals, iter_num, iter_num % log_interval == 0)
     if stop:
         if master_process:
             print(f"{signal.Signals(stop).name} received: stopping at iter {iter_num}")
