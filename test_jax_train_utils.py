@@ -211,8 +211,8 @@ def test_batch_layout(n_batches, batch_size, n_devices, layout):
 
 @pytest.mark.parametrize('n_batches,batch_size,n_devices,layout', [
     (2, 128, 2, (2, 128)),  # each batch split over 2 cores: one batch's activations at a time
-    (40, 12, 8, (40, 12)),
-    (40, 5, 8, (5, 40)),  # batch_size not a multiple: whole batches per device
+    (40, 16, 8, (40, 16)),
+    (40, 12, 8, (5, 96)),  # batch_size not a multiple: whole batches per device
 ])
 def test_devices_sharing_memory_split_each_batch(n_batches, batch_size, n_devices, layout):
     assert tu.batch_layout(n_batches, batch_size, n_devices, shared_memory=True) == layout
