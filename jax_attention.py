@@ -26,7 +26,8 @@ def threefry_key(key):
 def keep_from_counters(key_words, row, word, rate):
     """Dropout's keep mask (..., 4 * words) from the threefry draws at counters (row, word), both
     (..., words): draw (row, w) gives the four 16-bit uniforms of columns 4w..4w+3."""
-    hi, lo = threefry2x32_p.bind(key_words[0], key_words[1], row, word)
+    # the draws written out once: left to fuse, XLA computes each draw again for each of its 4 halves
+    hi, lo = jax.lax.optimization_barrier(threefry2x32_p.bind(key_words[0], key_words[1], row, word))
     halves = jnp.stack([hi >> 16, hi & 0xFFFF, lo >> 16, lo & 0xFFFF], axis=-1)  # (..., words, 4)
     uniforms = halves.reshape(*row.shape[:-1], -1)  # 16-bit uniforms
     return uniforms >= np.uint32(round(rate * 2 ** 16))
