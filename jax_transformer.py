@@ -229,6 +229,7 @@ def cross_entropy(logits, targets):
     return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
+@partial(jax.jit, static_argnums=0)  # compiled: op by op, the first init of a model takes seconds
 def init_params(config, key):
     """nanoGPT's init: N(0, 0.02) weights, c_proj N(0, 0.02/sqrt(2 n_layer)), zero biases."""
     idx = jnp.zeros((1, config.block_size), jnp.int32)

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import hellaswag
 from gpt2_weights import from_pretrained
-from conftest import REPO, SHARED, SHAKESPEARE, TIKTOKEN_CACHE, run_script, metrics
+from conftest import REPO, SHARED, SHAKESPEARE, TIKTOKEN_CACHE, run_script, metrics, cpu_devices
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -167,7 +167,7 @@ def test_eval_script_on_two_devices(gpt2, data_root, torch_scores):
             f"g = runpy.run_path('eval_hellaswag.py', run_name='__main__'); "
             f"print(json.dumps(g['result']['sum_loss'].tolist()))")
     p = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env=env(XLA_FLAGS='--xla_force_host_platform_device_count=2'))
+                       env=env(XLA_FLAGS=cpu_devices(2)))
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.splitlines()
     assert 'scoring 12 examples on 2 device(s)' in lines

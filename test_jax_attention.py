@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_attention
+from conftest import cpu_devices
 from jax_attention import (dropout_mask, dropout_tile_mask, threefry_key, dense_attention, blockwise_attention,
                            attention)
 
@@ -120,7 +121,7 @@ def test_blockwise_keeps_a_sharded_batch_sharded():
         compiled = jax.jit(lambda q: blockwise_attention(q, q, q)).lower(q).compile()
         assert 'all-gather' not in compiled.as_text() and compiled.output_shardings.spec == P('data')
     """
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+    env = dict(os.environ, XLA_FLAGS=cpu_devices(2), JAX_PLATFORMS='cpu')
     subprocess.run([sys.executable, '-c', code], env=env, cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
 
 
