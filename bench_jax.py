@@ -7,16 +7,22 @@ $ python bench_jax.py config/train_shakespeare_char_cpu.py --compare_torch=True 
 $ python bench_jax.py --compare_torch=True        # GPT-2 124M, batch 12 x 1024, bf16 on a GPU
 $ python bench_jax.py --sample=True --device=cpu  # generate in one call, streamed, and without the key/value cache
 $ python bench_jax.py config/train_shakespeare_char_cpu.py --profile=True  # trace + top XLA ops
+$ python bench_jax.py config/train_shakespeare_char_cpu.py --compare_torch=True --points=64x128,256x32,1024x8
+  # several (block_size x batch_size) points: ms/iter, tokens/s and peak memory of each contender
 """
 import glob
 import gzip
 import json
 import os
 import re
+import resource
+import subprocess
 import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+
+import numpy as np
 
 import checks
 from configurator import configure, die
@@ -31,6 +37,7 @@ vocab_size = 0  # 0: the dataset's meta.pkl when it has one, else GPT-2's 50304
 dropout = 0.0
 bias = False
 remat = False  # recompute each block's activations in the backward pass
+attention = 'auto'  # 'dense', 'blockwise' or 'cudnn' attention; 'auto' picks (see jax_attention.attention)
 gradient_accumulation_steps = 1  # micro-steps per iteration, shared by the devices as in train_jax.py
 real_data = True  # random windows of data_root/dataset/train.bin when it is prepared; False: random tokens
 dataset = 'openwebtext'
@@ -45,32 +52,82 @@ peak_flops = 0.0  # peak FLOP/s of one device, for MFU; 0.0: look it up (GPU/TPU
 profile = False  # write a jax.profiler trace of the timed steps to profile_dir, print the top ops
 profile_dir = 'bench_trace'
 compare_torch = False  # also time transformers' GPT2LMHeadModel, eager and torch.compile, interleaved
+points = ''  # 'TxB,TxB,...': time each (block_size x batch_size) point, each contender in a process of its own
+rounds = 2  # with points or sample: the timed runs of each contender (at each point), alternated with the others'
+only = ''  # time one contender alone: 'jax', 'torch eager' or 'torch compiled' (points runs each so)
 sample = False  # instead of training: tokens/s of generate in one call, streamed, and without the key/value cache
 max_new_tokens = 500  # sample=True: tokens generated after a one-token prompt, batch of one
 stream_chunk = 8  # sample=True: tokens per device call when streamed, as sample_jax.py's
-sample_rounds = 3  # sample=True: timed generations in one call and streamed, alternated
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
+CONTENDERS = ['jax', 'torch eager', 'torch compiled']
+contenders = CONTENDERS if compare_torch else ['jax']
+if only:
+    if only not in CONTENDERS:
+        die(f"only={only!r}: use one of {', '.join(map(repr, CONTENDERS))}")
+    contenders = [only]
+
+
+def run_alone(contender, block_size, batch_size):
+    """What this script prints as its last line with --only=contender at one point, run in a process
+    of its own, so that the peak memory is that contender's alone."""
+    args = sys.argv[1:] + [f'--block_size={block_size}', f'--batch_size={batch_size}', f'--only={contender}',
+                           '--points=']
+    p = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, capture_output=True, text=True)
+    if p.returncode != 0:
+        die(f"{contender} at block_size={block_size}, batch_size={batch_size} failed: "
+            f"{(p.stderr.strip().splitlines() or ['no message'])[-1]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def bench_points():
+    """ms/iter, tokens/s and peak memory at each point of points, for each contender: the
+    contenders run one after the other, rounds times, so that a busy machine slows them alike."""
+    shapes = [tuple(int(n) for n in point.split('x')) for point in points.split(',')]
+    results = defaultdict(list)
+    for block_size, batch_size in shapes:
+        for _ in range(rounds):
+            for contender in contenders:
+                results[block_size, batch_size, contender].append(run_alone(contender, block_size, batch_size))
+    print("block_size x batch_size: contender ms/iter, tokens/s, peak RSS (compiled: the steps' own memory)")
+    for block_size, batch_size in shapes:
+        ms = {c: float(np.median([r['ms'] for r in results[block_size, batch_size, c]])) for c in contenders}
+        for c in contenders:
+            runs = results[block_size, batch_size, c]
+            compiled = f", compiled {max(r['compiled_mib'] for r in runs):,.0f} MiB" if c == 'jax' else ""
+            speed = f", jax {ms[c] / ms['jax']:.2f}x its iterations/s" if c != 'jax' and 'jax' in ms else ""
+            print(f"{block_size} x {batch_size}: {c} {ms[c]:.1f} ms/iter, {runs[0]['tokens_per_s']:,.0f} tokens/s, "
+                  f"peak RSS {max(r['rss_mib'] for r in runs):,.0f} MiB{compiled}{speed}")
+
+
+if points:
+    bench_points()
+    sys.exit(0)
 if compare_torch:
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # leave GPU memory to PyTorch too
-
-import numpy as np
-import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-import jax_train_utils as tu
-from jax_transformer import GPT, GPTConfig, init_params, count_params, flops_per_token
-from jax_sampling import generate, generate_stream, sample_token
-
-tu.configure_devices(device, 1 if sample else cpu_devices, [(gradient_accumulation_steps, batch_size)])
-try:
-    dtype = tu.resolve_dtype(dtype)
-    layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count())  # as train_jax.py
-except ValueError as e:
-    die(str(e))
 ga = gradient_accumulation_steps
+if 'jax' in contenders or sample:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import jax_train_utils as tu
+    from jax_transformer import GPT, GPTConfig, init_params, count_params, flops_per_token
+    from jax_sampling import generate, generate_stream, sample_token
+
+    tu.configure_devices(device, 1 if sample else cpu_devices, [(gradient_accumulation_steps, batch_size)])
+    try:
+        dtype = tu.resolve_dtype(dtype)
+        layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count(),  # as train_jax.py
+                                 shared_memory=jax.default_backend() == 'cpu')
+    except ValueError as e:
+        die(str(e))
+    device_type = jax.default_backend()
+else:  # PyTorch alone: JAX is not even imported, so that the memory is PyTorch's
+    import torch
+    device_type = 'cuda' if device != 'cpu' and torch.cuda.is_available() else 'cpu'
+    dtype = {'auto': 'bfloat16' if device_type == 'cuda' else 'float32'}.get(dtype, dtype)
 data_dir = os.path.join(data_root, dataset)
 # real text repeats tokens, which random tokens hide (the embedding gradient's cost on a GPU): say which it is
 if real_data and not os.path.exists(os.path.join(data_dir, 'train.bin')):
@@ -83,12 +140,13 @@ if vocab_size == 0:
     vocab_size = 50304
     if os.path.exists(meta_path):
         vocab_size = checks.read_meta(meta_path, ['vocab_size'])['vocab_size']
-config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                   n_embd=n_embd, dropout=dropout, bias=bias, dtype=dtype, remat=remat)
-mesh = tu.make_mesh()
-devices = jax.devices()
-print(f"{len(devices)} x {devices[0].device_kind}, compute dtype {dtype}, {n_layer} layers, {n_head} heads, "
-      f"n_embd {n_embd}, vocab {vocab_size}, " +
+if 'jax' in contenders or sample:
+    config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                       n_embd=n_embd, dropout=dropout, bias=bias, dtype=dtype, remat=remat, attention=attention)
+    mesh = tu.make_mesh()
+    devices = jax.devices()
+    print(f"{len(devices)} x {devices[0].device_kind}, ", end='')
+print(f"compute dtype {dtype}, {n_layer} layers, {n_head} heads, n_embd {n_embd}, vocab {vocab_size}, " +
       (f"sampling 1 x {max_new_tokens} tokens" if sample else f"batch {ga} x {batch_size} x {block_size}"))
 
 
@@ -127,7 +185,6 @@ def get_batch(rng, shape):
 
 # nanoGPT's defaults; they do not change the speed
 OPTIMIZER = dict(learning_rate=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
-LR_SCHEDULE = tu.lr_schedule(OPTIMIZER['learning_rate'], True, 100, 5000, 6e-5)
 
 
 def jax_contender():
@@ -135,7 +192,8 @@ def jax_contender():
     compiled program's text, which names the operations of a profile."""
     replicated = NamedSharding(mesh, P())
     params = jax.device_put(init_params(config, jax.random.key(seed)), replicated)
-    tx = tu.configure_optimizer(params, LR_SCHEDULE, OPTIMIZER['weight_decay'], OPTIMIZER['beta1'],
+    schedule = tu.lr_schedule(OPTIMIZER['learning_rate'], True, 100, 5000, 6e-5)
+    tx = tu.configure_optimizer(params, schedule, OPTIMIZER['weight_decay'], OPTIMIZER['beta1'],
                                 OPTIMIZER['beta2'], OPTIMIZER['grad_clip'])
     state = tu.create_train_state(config, params, tx)
     rng, key = np.random.default_rng(seed), jax.random.key(seed)
@@ -144,6 +202,9 @@ def jax_contender():
     t0 = time.perf_counter()
     step = tu.make_train_step(None, mesh).lower(state, x, y, key).compile()
     print(f"jax: compile {time.perf_counter() - t0:.2f} s, {count_params(params) / 1e6:.2f}M parameters")
+    stats = step.memory_analysis()  # what the step allocates on each device, beyond the state
+    compiled_bytes = len(devices) * (stats.argument_size_in_bytes + stats.temp_size_in_bytes
+                                     + stats.output_size_in_bytes - stats.alias_size_in_bytes)
 
     def iteration():
         nonlocal state
@@ -151,7 +212,7 @@ def jax_contender():
         x, y = jax.device_put(get_batch(rng, layout), batch_sharding)
         state, loss = step(state, x, y, key)
         return float(loss)  # waits for the step, as train_jax.py does on CPU
-    return iteration, step.as_text()
+    return iteration, step.as_text(), compiled_bytes
 
 
 def torch_contender(compile):
@@ -160,7 +221,6 @@ def torch_contender(compile):
     import torch
     import transformers
     torch.manual_seed(seed)
-    device_type = 'cpu' if jax.default_backend() == 'cpu' else 'cuda'
     hf = transformers.GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
                                  n_head=n_head, activation_function='gelu', resid_pdrop=dropout,
                                  embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=None, eos_token_id=None)
@@ -234,15 +294,17 @@ def top_ops(trace_dir, hlo_text, n=25):
 
 
 def bench_training():
-    jax_iteration, step_text = jax_contender()
-    contenders = {'jax': jax_iteration}
-    if compare_torch:
-        contenders['torch eager'] = torch_contender(compile=False)
+    iterations, compiled_bytes = {}, None
+    if 'jax' in contenders:
+        iterations['jax'], step_text, compiled_bytes = jax_contender()
+    if 'torch eager' in contenders:
+        iterations['torch eager'] = torch_contender(compile=False)
+    if 'torch compiled' in contenders:
         try:
-            contenders['torch compiled'] = torch_contender(compile=True)
+            iterations['torch compiled'] = torch_contender(compile=True)
         except Exception as e:  # torch.compile needs a working C++ compiler on CPU, Triton on GPU
             print(f"torch.compile failed, timing eager only: {type(e).__name__}: {str(e).splitlines()[0]}")
-    for iteration in contenders.values():
+    for iteration in iterations.values():
         for _ in range(warmup_steps):
             iteration()
     # interleave the contenders in short rounds, so that a busy machine slows them alike
@@ -250,34 +312,42 @@ def bench_training():
     steps_per_round = 5
     with jax.profiler.trace(profile_dir) if profile else nullcontext():
         for r in range(max(num_steps // steps_per_round, 1)):
-            for name, iteration in contenders.items():
+            for name, iteration in iterations.items():
                 times[name] += [timed(iteration) for _ in range(steps_per_round)]
-            if jax.default_backend() == 'cpu' and not peak_flops and not profile:
+            if 'jax' in iterations and device_type == 'cpu' and not peak_flops and not profile:
                 cpu_peaks.append(measure_cpu_peak_flops())  # in every round too: the machine may be shared
-    peak = peak_flops or tu.device_peak_flops(devices[0])
+    peak, n_devices = peak_flops, 1
+    if 'jax' in iterations:
+        peak, n_devices = peak_flops or tu.device_peak_flops(devices[0]), len(devices)
     if cpu_peaks:
         peak = max(cpu_peaks)
         print(f"cpu peak, measured on {len(devices)} x float32 2048^3 matrix products: {peak / 1e9:.0f} GFLOP/s per device")
-    n_params = count_params(init_params(config, jax.random.key(0)))
     tokens = ga * batch_size * block_size
-    flops = flops_per_token(config, n_params) * tokens
+    flops = flops_per_token(config, count_params(init_params(config, jax.random.key(0)))) * tokens \
+        if 'jax' in iterations else 0
     for name, t in times.items():
         dt = float(np.median(t))
-        mfu = f"{flops / dt / (peak * len(devices)) * 100:.1f}%" if peak else "n/a (unknown device peak)"
+        mfu = f"{flops / dt / (peak * n_devices) * 100:.1f}%" if peak and flops else "n/a (unknown device peak)"
         print(f"{name}: {dt * 1000:.2f} ms/iter, {tokens / dt:,.0f} tokens/s, mfu {mfu}")
-    for name in contenders:
-        if name != 'jax':
+    for name in iterations:
+        if name != 'jax' and 'jax' in iterations:
             print(f"jax / {name}: {np.median(times[name]) / np.median(times['jax']):.2f}x the iterations/s")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(f"peak RSS {rss / 2**20:,.0f} MiB" + (f", the jax step's compiled memory {compiled_bytes / 2**20:,.0f} MiB"
+                                                if compiled_bytes else ""))
     if profile:
         print(f"trace written to {profile_dir} (TensorBoard or ui.perfetto.dev); top XLA ops over the timed steps:")
         for name, ms in top_ops(profile_dir, step_text):
             print(f"{ms:8.3f} ms  {name}")
+    if only:  # for bench_points, which runs each contender alone
+        dt = float(np.median(times[only]))
+        print(json.dumps({'ms': dt * 1000, 'tokens_per_s': tokens / dt, 'rss_mib': rss / 2**20,
+                          'compiled_mib': (compiled_bytes or 0) / 2**20}))
 
 
 # -----------------------------------------------------------------------------
 # sampling: the key/value cache against nanoGPT's full forward over the growing context
 
-@jax.jit
 def no_cache_next_token(params, padded, t, key):
     """The next token after the first t tokens of padded (B, L): the model over all L positions
     (the right padding cannot change the positions before it). The logits of position t - 1 are
@@ -289,7 +359,7 @@ def no_cache_next_token(params, padded, t, key):
     return sample_token(logits, key, 1.0, 200)
 
 
-def no_cache_generate(params, idx, key, bucket=64):
+def no_cache_generate(params, idx, key, next_token, bucket=64):
     """nanoGPT's generate: the model over the whole (cropped) context for every new token. The
     context is padded to a multiple of `bucket` so as not to compile once per length: each token
     pays for up to bucket - 1 positions more than in nanoGPT."""
@@ -298,7 +368,7 @@ def no_cache_generate(params, idx, key, bucket=64):
         t = min(idx.shape[1], block_size)
         padded = np.zeros((idx.shape[0], min(-(-t // bucket) * bucket, block_size)), np.int32)
         padded[:, :t] = idx[:, -t:]
-        idx = np.concatenate([idx, np.asarray(no_cache_next_token(params, padded, t, keys[i]))[:, None]], axis=1)
+        idx = np.concatenate([idx, np.asarray(next_token(params, padded, t, keys[i]))[:, None]], axis=1)
     return idx
 
 
@@ -312,13 +382,14 @@ def bench_sampling(bucket=64):
     }
     for fn in contenders.values():
         fn()  # compiles
+    next_token = jax.jit(no_cache_next_token)
     for length in range(bucket, min(1 + max_new_tokens + bucket, block_size + 1), bucket):
-        no_cache_next_token(params, np.zeros((1, length), np.int32), 1, key).block_until_ready()  # compiles
+        next_token(params, np.zeros((1, length), np.int32), 1, key).block_until_ready()  # compiles
     times, names = defaultdict(list), list(contenders)
-    for r in range(sample_rounds):  # alternated, each first in turn, so that a busy machine slows both alike
+    for r in range(rounds):  # alternated, each first in turn, so that a busy machine slows both alike
         for name in names if r % 2 == 0 else names[::-1]:
             times[name].append(timed(contenders[name]))
-    times['no cache'].append(timed(lambda: no_cache_generate(params, idx, key, bucket)))
+    times['no cache'].append(timed(lambda: no_cache_generate(params, idx, key, next_token, bucket)))
     for name, dts in times.items():
         dt = float(np.median(dts))
         print(f"{name}: {max_new_tokens} tokens in {dt:.2f} s, {max_new_tokens / dt:.1f} tokens/s "

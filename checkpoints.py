@@ -30,8 +30,10 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from gpt2_weights import from_pretrained
 from jax_transformer import GPTConfig, param_shapes
-from jax_train_utils import AdamWState, max_over_processes
+from jax_train_utils import AdamWState
+from processes import max_over_processes
 from nanogpt_checkpoints import NANOGPT_CHECKPOINT, read_nanogpt_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -228,12 +230,24 @@ def load_params(out_dir, sharding):
     return checkpoint.meta, GPTConfig(**checkpoint.meta['model_args']), restore_params(manager, checkpoint, sharding)
 
 
+def load_model(init_from, out_dir, sharding):
+    """(metadata, GPTConfig, params placed by sharding) of the model that sampling or an evaluation
+    reads: out_dir's newest checkpoint when init_from is 'resume' (see load_params), else one of
+    OpenAI's GPT-2 or a Hugging Face GPT-2 folder (see gpt2_weights.from_pretrained), whose metadata
+    is None. ValueError with a one-line message when there is no such model."""
+    if init_from == 'resume':
+        return load_params(out_dir, sharding)
+    config, params = from_pretrained(init_from)
+    return None, config, jax.device_put(params, sharding)
+
+
 # -----------------------------------------------------------------------------
 # loss curves: out_dir/metrics.csv, drawn by plot_jax.py
 
-# one row per log line (loss: the iteration's mean training loss) and per evaluation (train_loss and
-# val_loss over eval_iters batches); a column a row has no value for is left empty
-METRICS_COLUMNS = ['iter', 'loss', 'train_loss', 'val_loss', 'lr', 'time_ms', 'mfu_percent']
+# one row per log line (loss: the iteration's mean training loss), per evaluation (train_loss and
+# val_loss over eval_iters batches) and per HellaSwag score; a column a row has no value for is left empty
+METRICS_COLUMNS = ['iter', 'loss', 'train_loss', 'val_loss', 'lr', 'time_ms', 'mfu_percent', 'hellaswag_acc',
+                   'hellaswag_acc_norm']
 
 
 def metrics_writer(out_dir, keep_before):

@@ -1,17 +1,19 @@
 """
 Checks of what the scripts are given: config values, data files, the out_dir, a checkpoint to
-resume and the prompt, made before any work starts. Each stops the script with configurator.die:
-a one-line message that says what is wrong and what to do, and exit code 2. Plain Python and
-NumPy, so that most mistakes are reported before JAX is even imported.
+resume, the prompt and the GPT-2 tokenizer, made before any work starts. Each stops the script
+with configurator.die: a one-line message that says what is wrong and what to do, and exit code 2.
+Plain Python, NumPy and tiktoken, so that most mistakes are reported before JAX is even imported.
 """
 
 import difflib
+import json
 import os
 import pickle
 import re
 import tempfile
 
 import numpy as np
+import tiktoken
 
 from configurator import die
 
@@ -29,13 +31,15 @@ def in_unit_interval(config, key):
 def check_train_config(config):
     """The values of train_jax.py's config (a dict of its keys) that no run could use."""
     for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
-                'eval_iters'):
+                'eval_iters', 'join_timeout', 'process_timeout'):
         at_least(config, key, 1)
     for key in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay',
-                'grad_clip'):
+                'grad_clip', 'hellaswag_interval'):
         at_least(config, key, 0)
     for key in ('dropout', 'beta1', 'beta2'):
         in_unit_interval(config, key)
+    if config['attention'] not in ('auto', 'dense', 'blockwise', 'cudnn'):
+        die(f"attention={config['attention']!r} is not allowed: use 'auto', 'dense', 'blockwise' or 'cudnn'")
     if config['init_from'] == 'scratch':  # a resumed or pretrained model has the shape of its checkpoint
         for key in ('n_layer', 'n_head', 'n_embd'):
             at_least(config, key, 1)
@@ -68,6 +72,18 @@ def check_out_dir(out_dir):
 
 # -----------------------------------------------------------------------------
 # data
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE. tiktoken reads its files from its cache or downloads them; with
+    neither, stop saying where it looked."""
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except (OSError, ValueError) as e:  # no network (requests' errors are OSErrors), or a damaged download
+        cache = os.environ.get('TIKTOKEN_CACHE_DIR', os.environ.get(
+            'DATA_GYM_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'data-gym-cache')))
+        die(f"cannot load the GPT-2 tokenizer: tiktoken finds its files neither in its cache {cache} nor online "
+            f"({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR to a folder that holds them")
+
 
 def dataset_missing(data_root, dataset, prepare):
     """Stop for a dataset whose train.bin is not in data_root and that cannot be prepared here:
@@ -120,6 +136,57 @@ def read_meta(path, keys):
         die(f"{path} has no {', '.join(missing)}: it was not written by a prepare.py of this "
             f"project; prepare the dataset again")
     return meta
+
+
+def is_hellaswag_example(example):
+    """Whether example, read from JSON, is a HellaSwag example as the original files hold them: an
+    object with a string ctx, 4 string endings and a label from 0 to 3."""
+    if not isinstance(example, dict):
+        return False
+    endings, label = example.get('endings'), example.get('label')
+    return (isinstance(example.get('ctx'), str) and isinstance(endings, list) and len(endings) == 4
+            and all(isinstance(e, str) for e in endings) and type(label) is int and 0 <= label < 4)
+
+
+def read_hellaswag(path):
+    """The examples of a HellaSwag jsonl file, one JSON object per line as in the original files
+    (see is_hellaswag_example), each a dict."""
+    examples = []
+    try:
+        with open(path, encoding='utf-8') as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    example = json.loads(line)
+                except ValueError:
+                    die(f"{path}, line {n}: not JSON")
+                if not is_hellaswag_example(example):
+                    die(f"{path}, line {n}: not a HellaSwag example (a JSON object with a string ctx, "
+                        f"4 string endings and a label from 0 to 3)")
+                examples.append(example)
+    except UnicodeDecodeError:
+        die(f"{path} is not UTF-8 text")
+    except OSError as e:
+        die(f"cannot read {path}: {e.strerror}")
+    if not examples:
+        die(f"{path} holds no examples")
+    return examples
+
+
+def hellaswag_examples(data_root):
+    """The examples of data_root/hellaswag/hellaswag_val.jsonl (see read_hellaswag); when it is
+    missing, stop saying how to prepare it."""
+    path = os.path.join(data_root, 'hellaswag', 'hellaswag_val.jsonl')
+    if not os.path.exists(path):
+        die(f"{path} not found: prepare it first with `python data/hellaswag/prepare.py"
+            f"{'' if data_root == 'data' else f' --out_dir={os.path.dirname(path)}'}`")
+    return read_hellaswag(path)
+
+
+def check_hellaswag_vocab(vocab_size, enc):
+    """A model scored on HellaSwag has every token of the GPT-2 encoding enc."""
+    if vocab_size < enc.n_vocab:
+        die(f"the model has a vocab_size of {vocab_size}: HellaSwag is scored in the GPT-2 encoding, "
+            f"which needs {enc.n_vocab}")
 
 
 # -----------------------------------------------------------------------------

@@ -26,6 +26,16 @@ TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken_cache')
 needs_shakespeare = pytest.mark.skipif(not os.path.exists(SHAKESPEARE),
                                        reason=f"offline data not found at {SHARED} (set NANOGPT_SHARED_DATA)")
 
+# XLA compiles the tests' programs, in this process and in the scripts they run, with its backend
+# optimizations off: the same numbers, compiled in half the time (speed is bench_jax.py's concern)
+os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0',
+                                    '--xla_llvm_disable_expensive_passes=true']).strip()
+
+
+def cpu_devices(n):
+    """XLA_FLAGS that make n JAX devices of the CPU, for a script run by a test."""
+    return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={n}"
+
 
 # -----------------------------------------------------------------------------
 # running the scripts

@@ -7,19 +7,16 @@ The training machinery of train_jax.py (and bench_jax.py):
 - the jitted steps: evaluation, and the train step (all micro-steps, the gradient mean over the
   devices, clipping and the update in one call);
 - sharding of the train state (replicated, or FSDP);
-- faults: stop signals, divergence, out of memory;
-- processes: joining a multi-host run, agreeing across processes.
+- faults: divergence, out of memory.
 """
 
 import collections
 import concurrent.futures
 import functools
-import importlib.util
 import itertools
 import math
 import os
 import re
-import signal
 from typing import NamedTuple
 
 import numpy as np
@@ -27,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
-from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -91,12 +87,16 @@ def make_mesh():
     return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def batch_layout(n_batches, batch_size, n_devices, name='gradient_accumulation_steps'):
+def batch_layout(n_batches, batch_size, n_devices, name='gradient_accumulation_steps', shared_memory=False):
     """How n_batches batches of batch_size rows run on n_devices data parallel devices, as
     (steps, rows per step): whole batches per device when n_devices divides n_batches (nanoGPT's
     DDP divides gradient_accumulation_steps by its world size), else each batch split over the
-    devices. The rows, and so the mean loss and gradient, are the same for any n_devices.
+    devices. Devices in one shared_memory (a CPU's cores) split each batch first where they can:
+    they then hold one batch's activations at a time, as PyTorch on the same cores, not one each.
+    The rows, and so the mean loss and gradient, are the same for any n_devices.
     ValueError, saying what would work, when neither divides; name is n_batches' config key."""
+    if shared_memory and batch_size % n_devices == 0:
+        return n_batches, batch_size
     if n_batches % n_devices == 0:
         return n_batches // n_devices, batch_size * n_devices
     if batch_size % n_devices == 0:
@@ -138,14 +138,19 @@ def batch_starts(data_path, seed, iter_num, stream, layout, block_size):
     return rng.integers(0, n_tokens - block_size, size=math.prod(layout)).reshape(layout)
 
 
+def batch_spec(mesh, layout, block_size):
+    """The shape, dtype and sharding of get_batch's x and y for batches of layout (steps, rows)."""
+    return jax.ShapeDtypeStruct(layout + (block_size,), jnp.int32, sharding=NamedSharding(mesh, P(None, 'data')))
+
+
 def get_batch(mesh, data_path, starts, block_size):
     """The windows of the uint16 token file at starts (steps, rows): inputs x and next tokens y,
-    global int32 arrays (steps, rows, T) split along the rows over the mesh's 'data' axis. Each
-    process reads the rows of its own devices only. The memmap is re-opened on every call, as in
-    nanoGPT, to keep its pages from piling up."""
+    global int32 arrays (steps, rows, T) split along the rows over the mesh's 'data' axis (see
+    batch_spec). Each process reads the rows of its own devices only. The memmap is re-opened on
+    every call, as in nanoGPT, to keep its pages from piling up."""
     data = np.memmap(data_path, dtype=np.uint16, mode='r')
-    shape = starts.shape + (block_size,)
-    sharding = NamedSharding(mesh, P(None, 'data'))
+    spec = batch_spec(mesh, starts.shape, block_size)
+    shape, sharding = spec.shape, spec.sharding
     xs, ys = [], []
     for device, index in sharding.addressable_devices_indices_map(shape).items():
         rows = starts[index[:2]]
@@ -354,30 +359,7 @@ def bytes_per_device(abstract_state, sharding):
 
 
 # -----------------------------------------------------------------------------
-# faults: stop signals, divergence, out of memory
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def catch_stop_signals():
-    """From now on SIGTERM (a preempted machine) and SIGINT (^C) only ask training to stop: the
-    returned list receives the signal's number, and the loop saves a checkpoint after the current
-    iteration and exits. A second signal of the same kind acts at once, as it does by default."""
-    received = []
-    def handler(signum, frame):
-        received.append(signum)  # no printing here: the signal may have interrupted a print
-        signal.signal(signum, previous[signum])
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    return received
-
-
-def stop_signal(received, at_sync_point):
-    """The number of the stop signal received, 0 when none. With several processes all must stop
-    at the same iteration, so they agree (the signal any of them received) at sync points only."""
-    if jax.process_count() > 1 and not at_sync_point:
-        return 0
-    return max_over_processes(received[0] if received else 0)
-
+# faults: divergence, out of memory
 
 @jax.jit
 def all_finite(tree):
@@ -385,43 +367,77 @@ def all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
 
 
-def out_of_memory_message(error, where, state_bytes, remat, fsdp, n_devices):
-    """The one line for XLA's out of memory error in where, 'the training step' or 'evaluation':
-    what XLA was allocating, the bytes of params and optimizer state on each device (state_bytes),
-    and what to try among what the run does not do yet (remat, which only the training step's
-    backward pass gains from, and fsdp on n_devices)."""
-    size = lambda n: f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
-    allocating = re.search(r'allocat\w* (\d+) bytes', str(error))
-    what = f"allocating {size(int(allocating[1]))}" if allocating else str(error).strip().splitlines()[0].split('. ')[0]
+def memory_advice(where, remat, fsdp, attention, n_devices, resuming):
+    """What to try when where ('the training step', 'evaluation', 'sampling') needs more memory than
+    the devices have, among what the run does not do yet: remat helps the training step's backward
+    pass alone, fsdp needs several devices, a resumed run keeps its checkpoint's block_size."""
+    if where == 'sampling':
+        return "fewer --num_samples at a time"
     tries = ["a smaller --batch_size with more --gradient_accumulation_steps (the same tokens per iteration)"]
     if not remat and where == 'the training step':
         tries.append("--remat=True")
+    if attention != 'blockwise':
+        tries.append("--attention=blockwise")
     if not fsdp and n_devices > 1:
         tries.append("--fsdp=True")
+    if not resuming:
+        tries.append("a shorter --block_size")
+    return ', or '.join(tries)
+
+
+def size(n):
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def out_of_memory_message(error, where, state_bytes, advice):
+    """The one line for XLA's out of memory error in where, 'the training step' or 'evaluation':
+    what XLA was allocating, the bytes of params and optimizer state on each device (state_bytes),
+    and what to try (see memory_advice)."""
+    allocating = re.search(r'allocat\w* (\d+) bytes', str(error))
+    what = f"allocating {size(int(allocating[1]))}" if allocating else str(error).strip().splitlines()[0].split('. ')[0]
     return (f"out of memory in {where} ({what}, with {size(state_bytes)} of params and optimizer state per "
-            f"device): try {', or '.join(tries)}")
+            f"device): try {advice}")
 
 
-# -----------------------------------------------------------------------------
-# processes
+def free_memory(device):
+    """Bytes a device may still allocate, None where that is unknown: what a GPU or TPU has free; on
+    the CPU, the machine's available memory (within the process's address space limit), shared by
+    all the process's CPU devices."""
+    if device.platform != 'cpu':
+        stats = device.memory_stats() or {}
+        return stats['bytes_limit'] - stats.get('bytes_in_use', 0) if 'bytes_limit' in stats else None
+    try:
+        with open('/proc/meminfo') as f:
+            free = 1024 * next(int(line.split()[1]) for line in f if line.startswith('MemAvailable:'))
+        with open('/proc/self/statm') as f:
+            in_use = int(f.read().split()[0]) * os.sysconf('SC_PAGE_SIZE')  # the address space this process holds
+    except (OSError, StopIteration, ValueError):  # not Linux
+        return None
+    import resource  # Unix only
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        free = min(free, limit - in_use)
+    return free // jax.local_device_count()
 
-def init_distributed():
-    """Join the other processes of a multi-host run, when there is one. Set JAX_COORDINATOR_ADDRESS
-    (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host, or run under
-    SLURM, Open MPI or a Cloud TPU VM (libtpu installed), whose settings jax finds itself."""
-    env = os.environ
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # used by the CPU backend alone
-    if 'JAX_NUM_PROCESSES' in env:
-        jax.distributed.initialize(coordinator_address=env.get('JAX_COORDINATOR_ADDRESS'),
-                                   num_processes=int(env['JAX_NUM_PROCESSES']),
-                                   process_id=int(env['JAX_PROCESS_ID']))
-    elif int(env.get('SLURM_NTASKS', 1)) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', 1)) > 1 \
-            or importlib.util.find_spec('libtpu') is not None:
-        jax.distributed.initialize()
 
-
-def max_over_processes(n):
-    """The largest of the numbers n that the processes give (a collective: all of them must call it)."""
-    if jax.process_count() == 1:
-        return n
-    return int(multihost_utils.process_allgather(np.int32(n)).max())
+def memory_shortage(compiled, where, resident_bytes, advice):
+    """The one line saying that the compiled program of where ('the training step', 'evaluation',
+    'sampling') cannot fit in the devices' free memory, before it runs, and what to try (see
+    memory_advice); None when it fits, or either figure is unknown. It allocates its inputs and
+    temporaries, and its outputs that do not reuse a donated input, all but resident_bytes of its
+    inputs being on the devices already."""
+    stats, device = compiled.memory_analysis(), jax.local_devices()[0]
+    free = free_memory(device)
+    if stats is None or free is None:
+        return None
+    need = (stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
+            - stats.alias_size_in_bytes - resident_bytes)
+    if need <= free:
+        return None
+    n = jax.local_device_count()
+    if device.platform == 'cpu':
+        needs = f"{size(n * need)} of memory" + (f" ({n} CPU devices x {size(need)})" if n > 1 else "")
+        has = f"the {size(n * free)} available"
+    else:
+        needs, has = f"{size(need)} on each device", f"the {size(free)} free on a {device.device_kind}"
+    return f"{where} needs {needs}, more than {has}: try {advice}"

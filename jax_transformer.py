@@ -15,7 +15,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-from jax.extend.random import threefry2x32_p
+
+from jax_attention import attention, dense_attention, dropout_mask
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,11 @@ class GPTConfig:
     gelu_approximate: bool = False  # True: tanh GELU, the one OpenAI's GPT-2 weights were trained with
     dtype: str = 'float32'  # compute dtype; parameters are always float32
     remat: bool = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
+    attention: str = 'auto'  # 'auto', 'dense', 'blockwise' or 'cudnn': see jax_attention.attention
 
 
 # the fields of GPTConfig that the weights were trained with: a resumed or fine-tuned run takes them
-# from its checkpoint; the others (dropout, dtype, remat) are the run's own choice
+# from its checkpoint; the others (dropout, dtype, remat, attention) are the run's own choice
 ARCHITECTURE_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'gelu_approximate')
 
 
@@ -85,27 +87,6 @@ def residual_std(config):
     return 0.02 / math.sqrt(2 * config.n_layer)
 
 
-def dropout_mask(key, shape, rate):
-    """A boolean mask of shape, False (drop) with probability rate rounded to a multiple of 2^-16
-    (0.2 drops 13107/65536 = 0.199997), from any jax key. Each threefry draw (64 bits) gives four
-    16-bit uniforms, where flax's nn.Dropout spends a whole draw and a float conversion on every
-    element: random bits for the (B, nh, T, T) attention and every residual stream are a large
-    part of a GPU step with dropout. The counters are positions in the mask, so that a sharded
-    mask is the same as a whole one."""
-    *lead, n = shape
-    words_shape = (*lead, -(-n // 4))  # one draw per 4 elements of the last axis
-    k1, k2 = jax.random.bits(key, (2,), jnp.uint32)  # a threefry key, whatever kind key is
-    # the draw's counter: (row of the leading axes, word in the row)
-    strides = np.cumprod([1] + lead[::-1])[::-1][1:]
-    row = sum((jax.lax.broadcasted_iota(jnp.uint32, words_shape, d) * np.uint32(stride)
-               for d, stride in enumerate(strides)), jnp.zeros(words_shape, jnp.uint32))
-    col = jax.lax.broadcasted_iota(jnp.uint32, words_shape, len(lead))
-    hi, lo = threefry2x32_p.bind(k1, k2, row, col)
-    halves = jnp.stack([hi >> 16, hi & 0xFFFF, lo >> 16, lo & 0xFFFF], axis=-1)  # (*lead, words, 4)
-    uniforms = halves.reshape(*lead, -1)[..., :n]  # 16-bit uniforms, (*lead, n)
-    return uniforms >= np.uint32(round(rate * 2 ** 16))
-
-
 class Dropout(nn.Module):
     """nn.Dropout (zero with probability rate, scale the rest by 1 / (1 - rate), identity when
     deterministic) on dropout_mask's cheaper random bits, from the 'dropout' rng."""
@@ -139,13 +120,6 @@ def take_tokens(table, ids):
     return sorted_take(table, ids) if jax.default_backend() == 'gpu' else jnp.take(table, ids, axis=0)
 
 
-def use_cudnn_attention(config, deterministic, decode):
-    """cuDNN's fused (flash) attention: on NVIDIA GPUs, in bfloat16, without attention dropout.
-    The key/value cache keeps the plain path, whose mask follows the cache's position."""
-    return (jax.default_backend() == 'gpu' and config.dtype == 'bfloat16' and not decode
-            and (deterministic or config.dropout == 0.0))
-
-
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
 
@@ -157,7 +131,6 @@ class CausalSelfAttention(nn.Module):
         # query, key, values for all heads in one batched projection
         qkv = dense(cfg, 3 * C, 'c_attn')(x)  # (B, T, 3C)
         q, k, v = [a.reshape(B, T, cfg.n_head, hs) for a in jnp.split(qkv, 3, axis=-1)]  # (B, T, nh, hs)
-        q_pos = start + jnp.arange(T)
         if decode:
             # keys and values of earlier positions live in the cache; write this chunk at `start`
             cached_k = self.variable('cache', 'k', jnp.zeros, (B, cfg.block_size, cfg.n_head, hs), k.dtype)
@@ -165,18 +138,10 @@ class CausalSelfAttention(nn.Module):
             cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
             cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
             k, v = cached_k.value, cached_v.value
-        if use_cudnn_attention(cfg, deterministic, decode):
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')  # (B, T, nh, hs)
+            y = dense_attention(q, k, v, q_offset=start)  # (B, T, nh, hs), the queries after the cache
         else:
-            # on CPU this plain path measured faster than jax.nn.dot_product_attention's 'xla' one
-            k_pos = jnp.arange(k.shape[1])
-            mask = k_pos[None, :] <= q_pos[:, None]  # (T, Tk) causal
-            # attention in float32: (B, nh, T, Tk)
-            att = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) / math.sqrt(hs)
-            att = jnp.where(mask, att, jnp.finfo(jnp.float32).min)
-            att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
-            att = Dropout(cfg.dropout)(att, deterministic)
-            y = jnp.einsum('bhqk,bkhd->bqhd', att, v)
+            dropout_key = None if deterministic or cfg.dropout == 0.0 else self.make_rng('dropout')
+            y = attention(q, k, v, cfg.dropout, dropout_key, cfg.attention)  # (B, T, nh, hs)
         y = y.reshape(B, T, C)  # re-assemble all head outputs
         y = dense(cfg, C, 'c_proj', std=residual_std(cfg))(y)
         return Dropout(cfg.dropout)(y, deterministic)
@@ -264,6 +229,7 @@ def cross_entropy(logits, targets):
     return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
+@partial(jax.jit, static_argnums=0)  # compiled: op by op, the first init of a model takes seconds
 def init_params(config, key):
     """nanoGPT's init: N(0, 0.02) weights, c_proj N(0, 0.02/sqrt(2 n_layer)), zero biases."""
     idx = jnp.zeros((1, config.block_size), jnp.int32)

@@ -1,7 +1,8 @@
 """
 Draw the loss curves of a training run from the out_dir/metrics.csv that train_jax.py writes:
 the training loss of every log line, the train and val losses of every evaluation, and the
-learning rate, against iterations.
+learning rate, against iterations; below them HellaSwag's acc_norm, when the run scored it
+(--hellaswag_interval).
 $ python plot_jax.py --out_dir=out-shakespeare-char                   # writes out-shakespeare-char/loss.png
 $ python plot_jax.py --out_dir=out-shakespeare-char --out_dir=out-b   # two runs, one over the other
 """
@@ -39,11 +40,14 @@ def read_metrics(out_dir):
     return columns
 
 
-fig, loss_ax = plt.subplots(figsize=(8, 5.5), dpi=100, layout='constrained')
+runs = [read_metrics(d) for d in args.out_dir]
+with_hellaswag = any('hellaswag_acc_norm' in run for run in runs)
+fig, axes = plt.subplots(2 if with_hellaswag else 1, figsize=(8, 8 if with_hellaswag else 5.5), dpi=100,
+                         layout='constrained', squeeze=False, height_ratios=[2, 1] if with_hellaswag else None)
+loss_ax = axes[0, 0]
 lr_ax = loss_ax.twinx()
 names = [os.path.basename(os.path.abspath(d)) for d in args.out_dir]
-for out_dir, name, color in zip(args.out_dir, names, ('tab:blue', 'tab:orange')):
-    run = read_metrics(out_dir)
+for run, name, color in zip(runs, names, ('tab:blue', 'tab:orange')):
     label = lambda what: f'{name}: {what}' if len(names) > 1 else what
     for column, style, what in (('loss', dict(lw=0.8, alpha=0.4), 'train loss, each logged iteration'),
                                 ('train_loss', dict(ls='--', marker='.'), 'train loss, evaluation'),
@@ -52,6 +56,12 @@ for out_dir, name, color in zip(args.out_dir, names, ('tab:blue', 'tab:orange'))
             loss_ax.plot(*zip(*run[column]), color=color, label=label(what), **style)
     if 'lr' in run:  # logged at the log lines and the evaluations: once per iteration is enough
         lr_ax.plot(*zip(*sorted(set(run['lr']))), color=color, ls=':', lw=1, label=label('learning rate'))
+    if 'hellaswag_acc_norm' in run:
+        axes[1, 0].plot(*zip(*run['hellaswag_acc_norm']), color=color, marker='o', label=label('HellaSwag acc_norm'))
+if with_hellaswag:
+    axes[1, 0].set(xlabel='iteration', ylabel='HellaSwag acc_norm')
+    axes[1, 0].grid(alpha=0.3)
+    axes[1, 0].legend(fontsize='small')
 loss_ax.set(xlabel='iteration', ylabel='loss', title=' vs '.join(names))
 loss_ax.grid(alpha=0.3)
 lr_ax.set(ylabel='learning rate', ylim=(0, None))

@@ -49,7 +49,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import checkpoints
 import jax_train_utils as tu
-from gpt2_weights import from_pretrained
 from jax_sampling import generate_stream, printable_end, prompt_buffer, stop_tables
 
 tu.configure_devices(device, cpu_devices, [(1, num_samples)])
@@ -64,11 +63,8 @@ replicated = NamedSharding(mesh, P())
 
 # model
 try:
-    if init_from == 'resume':  # this port's latest checkpoint, or nanoGPT's ckpt.pt when that is newer
-        checkpoint, config, params = checkpoints.load_params(out_dir, replicated)
-    else:  # init from a given GPT-2 model
-        config, params = from_pretrained(init_from)
-        params = jax.device_put(params, replicated)
+    # out_dir's newest checkpoint (this port's, or nanoGPT's ckpt.pt), or a given GPT-2 model
+    checkpoint, config, params = checkpoints.load_model(init_from, out_dir, replicated)
 except ValueError as e:
     die(str(e))
 config = dataclasses.replace(config, dropout=0.0, dtype=dtype)

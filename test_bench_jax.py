@@ -1,14 +1,14 @@
 """Tests of bench_jax.py: the training benchmark and its profile table, on a small model."""
 import re
 
-from conftest import run_script
+from conftest import run_script, cpu_devices
 
 
 def test_bench_times_the_train_step_and_names_the_ops_of_its_profile(tmp_path, script_env):
     args = ['--device=cpu', '--real_data=False', '--vocab_size=64', '--block_size=32', '--batch_size=4',
             '--n_layer=2', '--n_head=2', '--n_embd=32', '--num_steps=5', '--warmup_steps=1', '--peak_flops=1e11',
             '--profile=True', f'--profile_dir={tmp_path}']
-    out = run_script('bench_jax.py', args, dict(script_env, XLA_FLAGS='--xla_force_host_platform_device_count=2'))
+    out = run_script('bench_jax.py', args, dict(script_env, XLA_FLAGS=cpu_devices(2)))
     assert 'data: random tokens (--real_data=False)' in out.stdout
     assert re.search(r'^jax: [\d.]+ ms/iter, [\d,]+ tokens/s, mfu [\d.]+%$', out.stdout, re.M), out.stdout
     busy, matmul = map(float, re.search(r'device 0 busy ([\d.]+) ms per step, of which matrix products ([\d.]+) ms',
@@ -17,3 +17,16 @@ def test_bench_times_the_train_step_and_names_the_ops_of_its_profile(tmp_path, s
     # the table names the model's operations, layers merged, the backward pass apart
     table = out.stdout.split('top XLA ops over the timed steps:')[1]
     assert 'backward/h_*/mlp/c_fc/dot_general' in table and 'forward/h_*/attn/c_attn/dot_general' in table
+
+
+def test_bench_points_run_each_contender_alone_and_report_its_memory(script_env):
+    """--points times each (block_size x batch_size) point in a process of its own per contender,
+    and reports its peak RSS and, for JAX, the step's compiled memory, which grows with the batch."""
+    args = ['--device=cpu', '--real_data=False', '--vocab_size=64', '--n_layer=1', '--n_head=2', '--n_embd=32',
+            '--num_steps=5', '--warmup_steps=1', '--peak_flops=1e11', '--points=16x4,16x64', '--rounds=1']
+    out = run_script('bench_jax.py', args, script_env)
+    rows = re.findall(r'^16 x (\d+): jax [\d.]+ ms/iter, [\d,]+ tokens/s, peak RSS ([\d,]+) MiB, compiled ([\d,]+) MiB$',
+                      out.stdout, re.M)
+    assert [int(b) for b, _, _ in rows] == [4, 64], out.stdout
+    (rss_small, small), (rss_big, big) = [(int(r.replace(',', '')), int(c.replace(',', ''))) for _, r, c in rows]
+    assert 0 < small < big and rss_small > 100 and rss_big > 100  # MiB: a process with JAX imported

@@ -1,7 +1,10 @@
 """
 Tests for data/*/prepare.py: run each script on the offline copies of its
 input (see shared/data/README.md) into a temp dir, and check the output is
-byte-identical to what nanoGPT's own prepare.py scripts write.
+byte-identical to what nanoGPT's own prepare.py scripts write; OpenWebText
+read from the hub's parquet conversion, FineWeb-Edu against tiktoken run by
+hand, and every bad input stopping a script with one line. Nothing here
+touches the network.
 
 $ python -m pytest test_data.py -q
 """
@@ -10,8 +13,12 @@ import sys
 import json
 import pickle
 import hashlib
+import tracemalloc
+import subprocess
 import importlib.util
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, SHARED, SHAKESPEARE, TIKTOKEN_CACHE, run_script
@@ -44,10 +51,15 @@ NANOGPT_SHA256 = {
 EOT = 50256
 
 
+def env(tmp_path):
+    """The prepare scripts' environment: offline, GPT-2's BPE from the offline cache, the test's own
+    Hugging Face cache (the user's stays clean)."""
+    return dict(os.environ, TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE, HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1',
+                HF_DATASETS_CACHE=str(tmp_path / 'hf_cache'))
+
+
 def run_prepare(name, tmp_path, *args):
-    env = dict(os.environ, TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE, HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1',
-               HF_DATASETS_CACHE=str(tmp_path / 'hf_cache'))  # keep the user's HF cache clean
-    return run_script(os.path.join('data', name, 'prepare.py'), args, env).stdout
+    return run_script(os.path.join('data', name, 'prepare.py'), args, env(tmp_path)).stdout
 
 
 def sha256(path):
@@ -110,25 +122,40 @@ def test_default_input_in_out_dir(tmp_path):
     check_bins('shakespeare_char', out)
 
 
-def test_importable_prepare_and_download(tmp_path, monkeypatch):
+def import_prepare(name, monkeypatch):
+    """data/<name>/prepare.py as a module; the sys.path entries it adds are undone after the test."""
     monkeypatch.setenv('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
-    monkeypatch.setattr(sys, 'path', list(sys.path))  # the script puts data/ on it: restored after the test
-    spec = importlib.util.spec_from_file_location('shakespeare_prepare', os.path.join(REPO, 'data', 'shakespeare', 'prepare.py'))
+    monkeypatch.setattr(sys, 'path', list(sys.path))
+    spec = importlib.util.spec_from_file_location(f'{name}_prepare', os.path.join(REPO, 'data', name, 'prepare.py'))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_importable_prepare_and_download(tmp_path, monkeypatch):
+    mod = import_prepare('shakespeare', monkeypatch)
     # the download helper, pointed at a file:// url instead of github
-    from tiny_shakespeare import download
+    from inputs import download
     download('file://' + os.path.abspath(SHAKESPEARE), str(tmp_path / 'input.txt'))
     assert sha256(tmp_path / 'input.txt') == sha256(SHAKESPEARE)
     assert mod.prepare(out_dir=str(tmp_path)) == (301_966, 36_059)
     check_bins('shakespeare', tmp_path)
 
 
-def encoded_docs(texts):
+def gpt2():
     tiktoken = pytest.importorskip('tiktoken')
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv('TIKTOKEN_CACHE_DIR', os.environ.get('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE))
-        enc = tiktoken.get_encoding('gpt2')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
+        return tiktoken.get_encoding('gpt2')
+
+
+def owt_texts():
+    with open(OWT_JSONL, encoding='utf-8') as f:
+        return [json.loads(line)['text'] for line in f]
+
+
+def encoded_docs(texts):
+    enc = gpt2()
     return [tuple(enc.encode_ordinary(t)) + (EOT,) for t in texts]
 
 
@@ -152,8 +179,7 @@ def test_openwebtext_jsonl(tmp_path):
     pytest.importorskip('datasets')
     out = tmp_path / 'out'
     run_prepare('openwebtext', tmp_path, f'--input={OWT_JSONL}', f'--out_dir={out}')
-    with open(OWT_JSONL, encoding='utf-8') as f:
-        texts = [json.loads(line)['text'] for line in f]
+    texts = owt_texts()
     assert len(texts) == 301
     # test_size=0.0005 of 301 documents rounds up to 1 val document
     train, val = check_owt(out, texts, 300, 1)
@@ -171,3 +197,170 @@ def test_openwebtext_txt_folder(tmp_path):
             texts.append(f.read())
     assert len(texts) == 20
     check_owt(out, texts, 19, 1)
+
+
+def write_parquet(path, texts, **columns):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.table({'text': texts, **columns}), path, row_group_size=100)
+
+
+def test_openwebtext_from_the_hubs_parquet_conversion(tmp_path, monkeypatch, capsys):
+    # datasets >= 4 refuses the hub's openwebtext, a loading script: the script reads the parquet
+    # files of the hub's conversion instead, here local files laid out as on the hub's branch
+    datasets = pytest.importorskip('datasets')
+    prepare = import_prepare('openwebtext', monkeypatch)
+    texts = owt_texts()
+    export = tmp_path / 'refs_convert_parquet' / 'plain_text' / 'train'
+    write_parquet(str(export / '0000.parquet'), texts[:150])
+    write_parquet(str(export / '0001.parquet'), texts[150:])
+    calls = []
+
+    def load_dataset(path, **kwargs):
+        calls.append(path)
+        if path == 'openwebtext':
+            raise RuntimeError("Dataset scripts are no longer supported, but found openwebtext.py")
+        return datasets.load_dataset(path, cache_dir=str(tmp_path / 'hf_cache'), **kwargs)
+    monkeypatch.setattr(prepare, 'load_dataset', load_dataset)
+    monkeypatch.setattr(prepare, 'OPENWEBTEXT_PARQUET', str(export / '*.parquet'))
+    monkeypatch.setattr(prepare, 'num_proc', None)  # datasets forks workers for any number, JAX warns against it
+    assert prepare.prepare(out_dir=str(tmp_path / 'out')) == {'train': 336_875, 'val': 1_151}
+    assert calls == ['openwebtext', 'parquet']
+    assert f"reading the hub's parquet conversion of it, {export}/*.parquet" in capsys.readouterr().out
+    # the same bytes as nanoGPT's from the same documents in a local file (test_openwebtext_jsonl)
+    check_bins('openwebtext', tmp_path / 'out')
+    assert sorted(os.listdir(tmp_path / 'out')) == ['train.bin', 'val.bin']
+
+    # a conversion that is missing, or partial (partial-train/): one line, exit 2
+    monkeypatch.setattr(prepare, 'OPENWEBTEXT_PARQUET', str(tmp_path / 'nothing' / '*.parquet'))
+    with pytest.raises(SystemExit) as stop:
+        prepare.prepare(out_dir=str(tmp_path / 'out2'))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: the hub holds no complete parquet conversion of openwebtext")
+
+
+# -----------------------------------------------------------------------------
+# FineWeb-Edu, on local files in its format
+
+def speeches(n):
+    """n short documents of many lengths (the speeches of Tiny Shakespeare, in order), and a few odd ones."""
+    texts = [s for t in owt_texts() for s in t.split('\n\n')]
+    odd = ['', 'a document that says <|endoftext|> in its text', 'caf\u00e9 \u2014 na\u00efve \U0001f600\n']
+    return (odd + texts * (n // len(texts) + 1))[:n]
+
+
+def fineweb_expected(texts):
+    """train.bin and val.bin by hand: tiktoken's tokens of each document after <|endoftext|>,
+    documents 0, 1000, 2000, ... in val."""
+    enc = gpt2()
+    docs = [np.array([EOT] + enc.encode_ordinary(t), dtype=np.uint16) for t in texts]
+    return {'train': np.concatenate([d for i, d in enumerate(docs) if i % 1000 != 0]),
+            'val': np.concatenate([d for i, d in enumerate(docs) if i % 1000 == 0]),
+            'starts': {split: np.cumsum([0] + [len(d) for i, d in enumerate(docs) if (i % 1000 == 0) == (split == 'val')])[:-1]
+                       for split in ('train', 'val')}}
+
+
+def test_fineweb_edu_local_files_any_number_of_workers(tmp_path):
+    texts = speeches(2_500)
+    source = tmp_path / 'fineweb'
+    write_parquet(str(source / '000_00000.parquet'), texts[:1_200], score=[3.0] * 1_200)
+    with open(source / '001_00000.jsonl', 'w') as f:
+        for text in texts[1_200:]:
+            f.write(json.dumps({'text': text, 'id': '<urn:uuid>', 'score': 3.5}) + '\n')
+    (source / 'README.md').write_text('not a data file')
+    script = os.path.join(REPO, 'data', 'fineweb_edu', 'prepare.py')
+    procs = [subprocess.Popen([sys.executable, script, f'--input={source}', f'--out_dir={tmp_path / f"out{n}"}',
+                               f'--num_proc={n}'], env=env(tmp_path), text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for n in (1, 2)]
+    expected = fineweb_expected(texts)
+    for n, p in zip((1, 2), procs):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, out + err
+        assert f"val: every 1000th document of {source} (0, 1000, 2000, ...); train: the others" in out
+        assert f"train has 2,497 documents, {len(expected['train']):,} tokens" in out
+        assert f"val has 3 documents, {len(expected['val']):,} tokens" in out
+        assert sorted(os.listdir(tmp_path / f'out{n}')) == ['train.bin', 'val.bin']
+        for split in ('train', 'val'):
+            ids = load_bin(tmp_path / f'out{n}' / f'{split}.bin')
+            assert np.array_equal(ids, expected[split]), (n, split)
+            # <|endoftext|> begins every document, and is nowhere else
+            assert np.array_equal(np.flatnonzero(ids == EOT), expected['starts'][split])
+
+
+def test_fineweb_edu_memory_stays_bounded(tmp_path, monkeypatch):
+    # 5,000 documents, then 20,000: four times the tokens written, and no more memory
+    prepare = import_prepare('fineweb_edu', monkeypatch)
+    texts = speeches(20_000)
+    buffer_bytes = 4096
+    peaks, sizes = [], []
+    for n in (5_000, 20_000):
+        write_parquet(str(tmp_path / f'{n}.parquet'), texts[:n])
+        tracemalloc.start()
+        try:
+            tokens = prepare.prepare(str(tmp_path / f'{n}.parquet'), out_dir=str(tmp_path / f'out{n}'), num_proc=1,
+                                     buffer_bytes=buffer_bytes)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        sizes.append(2 * sum(tokens.values()))
+    expected = fineweb_expected(texts)
+    for split in ('train', 'val'):
+        assert np.array_equal(load_bin(tmp_path / 'out20000' / f'{split}.bin'), expected[split])
+    assert sizes[1] > 3.5 * sizes[0] and sizes[1] > 400 * buffer_bytes
+    # the peak of traced memory does not grow with the data, and is a fraction of what was written
+    assert peaks[1] < 1.2 * peaks[0] and peaks[1] < sizes[1] / 4, (peaks, sizes)
+
+
+# -----------------------------------------------------------------------------
+# bad inputs: one line on stderr, exit code 2, whatever the script
+
+NO_NETWORK = 'http://127.0.0.1:9'  # a proxy that refuses every connection
+
+
+def test_bad_inputs_stop_with_one_line(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'binary.txt').write_bytes(bytes(range(256)))
+    (tmp_path / 'page.jsonl').write_text('<html>404 Not Found</html>\n')
+    (tmp_path / 'no_text.jsonl').write_text(json.dumps({'content': 'a document'}) + '\n')
+    (tmp_path / 'page.parquet').write_text('<html>404 Not Found</html>\n')
+    with open(tmp_path / 'broken.jsonl', 'w') as f:  # good for 1,500 lines, then cut short
+        for text in speeches(1_500):
+            f.write(json.dumps({'text': text}) + '\n')
+        f.write('{"text": "cut sh')
+    no_network = dict(HTTPS_PROXY=NO_NETWORK, https_proxy=NO_NETWORK, HTTP_PROXY=NO_NETWORK, http_proxy=NO_NETWORK)
+    no_tokenizer = dict(no_network, TIKTOKEN_CACHE_DIR=str(tmp_path / 'empty'))
+    tokenizer_message = f"cannot load the GPT-2 tokenizer: tiktoken finds its files neither in its cache {tmp_path}/empty"
+    out = lambda name: f'--out_dir={tmp_path / name}'
+    cases = [  # dataset, args, env, what the error says
+        ('shakespeare_char', [out('sc')], no_network, "cannot download https://raw.githubusercontent.com/karpathy/"),
+        ('shakespeare_char', [f'--input={tmp_path}/binary.txt', out('sc')], {}, f"{tmp_path}/binary.txt is not UTF-8 text"),
+        ('shakespeare', [out('s')], no_network, "cannot download https://raw.githubusercontent.com/karpathy/"),
+        ('shakespeare', [f'--input={SHAKESPEARE}', out('s')], no_tokenizer, tokenizer_message),
+        ('shakespeare', [f'--input={tmp_path}/empty', out('s')], {}, f"input {tmp_path}/empty is not a file"),
+        ('openwebtext', [out('owt')], {}, "cannot load openwebtext from the Hugging Face hub"),
+        ('openwebtext', [f'--input={OWT_JSONL}', out('owt')], no_tokenizer, tokenizer_message),
+        ('openwebtext', [f'--input={tmp_path}/page.jsonl', out('owt')], {}, f"{tmp_path}/page.jsonl, line 1: not JSON"),
+        ('fineweb_edu', [out('fw')], {}, "cannot stream FineWeb-Edu sample-10BT from the Hugging Face hub"),
+        ('fineweb_edu', [f'--input={tmp_path}/no_text.jsonl', out('fw')], no_tokenizer, tokenizer_message),
+        ('fineweb_edu', [f'--input={tmp_path}/page.parquet', out('fw')], {}, f"{tmp_path}/page.parquet is not a parquet file"),
+        ('fineweb_edu', [f'--input={tmp_path}/empty', out('fw')], {},
+         f"the folder {tmp_path}/empty holds no .parquet or .jsonl files"),
+        ('fineweb_edu', [f'--input={tmp_path}/no_text.jsonl', out('fw')], {},
+         f"{tmp_path}/no_text.jsonl, line 1: not a JSON object with a string 'text'"),
+    ]
+    start = lambda name, args, extra: subprocess.Popen(
+        [sys.executable, os.path.join(REPO, 'data', name, 'prepare.py'), *args], env={**env(tmp_path), **extra},
+        text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs = [start(name, args, extra) for name, args, extra, _ in cases]
+    # a file that goes wrong further in stops the run there, and leaves no file that looks complete
+    broken = start('fineweb_edu', [f'--input={tmp_path}/broken.jsonl', out('broken'), '--num_proc=2'], {})
+    for (name, args, _, message), p in zip(cases, procs):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {message}"), \
+            (name, args, p.returncode, err)
+    _, err = broken.communicate(timeout=300)
+    assert broken.returncode == 2 and err.splitlines()[-1] == f"error: {tmp_path}/broken.jsonl, line 1501: not JSON", err
+    assert 'Traceback' not in err
+    assert not any(name.endswith('.bin') for name in os.listdir(tmp_path / 'broken'))
+    for name in ('sc', 's', 'owt', 'fw'):
+        assert not os.path.exists(tmp_path / name) or os.listdir(tmp_path / name) == []

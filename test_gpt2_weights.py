@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import checkpoints
 import jax_train_utils as tu
 from gpt2_weights import from_pretrained
-from jax_transformer import GPTConfig, init_params
+from jax_transformer import GPTConfig, ARCHITECTURE_KEYS, init_params
 from jax_sampling import generate
 from conftest import SHAKESPEARE, TIKTOKEN_CACHE, needs_shakespeare, run_script, model_logits
 
@@ -264,7 +264,7 @@ def test_export_round_trip(config, tmp_path, script_env):
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
     params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-    model_args = {k: v for k, v in config.__dict__.items() if k not in ('dtype', 'remat')}
+    model_args = {k: getattr(config, k) for k in ARCHITECTURE_KEYS + ('dropout',)}
     checkpoints.save_checkpoint(checkpoints.checkpoint_manager(tmp_path / 'out'),
                                 tu.create_train_state(config, params, optax.adamw(1e-3)),
                                 {'model_args': model_args, 'iter_num': 5, 'best_val_loss': 1.0, 'config': {}})

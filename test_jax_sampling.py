@@ -54,8 +54,8 @@ def test_sampling_follows_nanogpts_generate(prompt_len, max_new_tokens, monkeypa
     params = randomized(init_params(TINY, jax.random.key(0)), jax.random.key(1), scale=0.5)
     params = dict(params, wte={'embedding': params['wte']['embedding'] * 10})  # sharp logits: the top_k cut matters
     weights = params_to_nanogpt(params)
-    model.load_state_dict({**{k: torch.from_numpy(v) for k, v in weights.items()},
-                           'lm_head.weight': torch.from_numpy(weights['transformer.wte.weight'])})
+    model.load_state_dict({**{k: torch.tensor(v) for k, v in weights.items()},
+                           'lm_head.weight': torch.tensor(weights['transformer.wte.weight'])})
     idx = np.random.default_rng(3).integers(0, TINY.vocab_size, (3, prompt_len))
     key = jax.random.key(7)
     for temperature, top_k in ((1.0, None), (1.5, 1), (0.7, 5)):  # top_k=1 is greedy

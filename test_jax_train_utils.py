@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 import jax_train_utils as tu
 from jax_transformer import GPT, GPTConfig, init_params, param_paths, estimate_mfu
-from conftest import REPO
+from conftest import REPO, cpu_devices
 
 TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=True)
 train_step = tu.make_train_step()
@@ -209,6 +209,15 @@ def test_batch_layout(n_batches, batch_size, n_devices, layout):
     assert tu.batch_layout(n_batches, batch_size, n_devices) == layout
 
 
+@pytest.mark.parametrize('n_batches,batch_size,n_devices,layout', [
+    (2, 128, 2, (2, 128)),  # each batch split over 2 cores: one batch's activations at a time
+    (40, 16, 8, (40, 16)),
+    (40, 12, 8, (5, 96)),  # batch_size not a multiple: whole batches per device
+])
+def test_devices_sharing_memory_split_each_batch(n_batches, batch_size, n_devices, layout):
+    assert tu.batch_layout(n_batches, batch_size, n_devices, shared_memory=True) == layout
+
+
 def test_batch_layout_says_what_would_work():
     with pytest.raises(ValueError) as e:
         tu.batch_layout(5, 12, 8, name='eval_iters')
@@ -235,8 +244,8 @@ for mode in ('replicated', 'flat', 'fsdp'):  # XLA's all-reduces, one flat all-r
     state = jax.device_put(state, sharding)
     step = tu.make_train_step(sharding, None if mode == 'replicated' else mesh, fsdp)
     losses = []
-    for i in range(2):  # 2 micro-steps of 8 rows split over 8 devices, then 1 micro-step of 16
-        state, loss = step(state, batch(x, 2 - i), batch(y, 2 - i), jax.random.key(1))
+    for i in range(2):  # 2 micro-steps of 8 rows split over 8 devices
+        state, loss = step(state, batch(x, 2), batch(y, 2), jax.random.key(1))
         losses.append(float(loss))
     assert all(a.sharding == s for a, s in zip(jax.tree.leaves(state), jax.tree.leaves(sharding)))
     out[mode] = dict(losses=losses, eval=float(tu.eval_loss(state, batch(x, 2), batch(y, 2))),
@@ -268,7 +277,7 @@ def test_eight_devices_replicated_or_fsdp_give_the_single_device_result(tmp_path
     replicated (XLA's all-reduces, or one flat all-reduce) or FSDP-sharded, gives the losses, eval
     loss and parameters of one device; the shardings survive the step, an FSDP checkpoint
     restores replicated, and a dropout mask made on 8 devices is the one made on one."""
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
+    env = dict(os.environ, XLA_FLAGS=cpu_devices(8), JAX_PLATFORMS='cpu',
                PYTHONPATH=REPO)
     out = subprocess.run([sys.executable, '-c', MULTI_DEVICE], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -277,7 +286,7 @@ def test_eight_devices_replicated_or_fsdp_give_the_single_device_result(tmp_path
     state, x, y = make_state(grad_clip=0.0), *random_batch(16)
     losses = []
     for i in range(2):
-        state, loss = train_step(state, x.reshape(2 - i, -1, x.shape[-1]), y.reshape(2 - i, -1, y.shape[-1]),
+        state, loss = train_step(state, x.reshape(2, -1, x.shape[-1]), y.reshape(2, -1, y.shape[-1]),
                                  jax.random.key(1))
         losses.append(float(loss))
     eval1 = float(tu.eval_loss(state, x.reshape(2, 8, -1), y.reshape(2, 8, -1)))
@@ -300,14 +309,39 @@ def test_eight_devices_replicated_or_fsdp_give_the_single_device_result(tmp_path
 
 def test_out_of_memory_message_offers_what_the_run_does_not_do_yet():
     """The same line for a GPU's message, which names the size, and a TPU's, which does not; remat
-    helps the training step alone, fsdp needs several devices."""
+    helps the training step alone, fsdp needs several devices, a resumed run keeps its block_size."""
     gpu = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25769803776 bytes.")
-    assert tu.out_of_memory_message(gpu, 'the training step', 1_500_000_000, False, False, 8) == \
+    advice = tu.memory_advice('the training step', remat=False, fsdp=False, attention='blockwise', n_devices=8,
+                              resuming=False)
+    assert tu.out_of_memory_message(gpu, 'the training step', 1_500_000_000, advice) == \
         "out of memory in the training step (allocating 24.0 GiB, with 1.4 GiB of params and optimizer state per " \
         "device): try a smaller --batch_size with more --gradient_accumulation_steps (the same tokens per " \
-        "iteration), or --remat=True, or --fsdp=True"
+        "iteration), or --remat=True, or --fsdp=True, or a shorter --block_size"
     tpu = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.5G of 15.48G hbm.")
-    assert tu.out_of_memory_message(tpu, 'evaluation', 500 * 2**20, False, False, 1) == \
+    advice = tu.memory_advice('evaluation', remat=False, fsdp=False, attention='auto', n_devices=1, resuming=True)
+    assert tu.out_of_memory_message(tpu, 'evaluation', 500 * 2**20, advice) == \
         "out of memory in evaluation (RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm, with 500.0 MiB of " \
         "params and optimizer state per device): try a smaller --batch_size with more " \
-        "--gradient_accumulation_steps (the same tokens per iteration)"
+        "--gradient_accumulation_steps (the same tokens per iteration), or --attention=blockwise"
+
+
+def test_memory_is_predicted_from_the_compiled_program(monkeypatch):
+    """What a compiled program needs beyond what is on the devices already: its temporaries, its
+    other inputs, and its outputs that do not reuse a donated input; compared with the free memory."""
+    state, (x, y) = make_state(), random_batch(8)
+    x, y = x.reshape(2, 4, -1), y.reshape(2, 4, -1)
+    step = train_step.lower(state, x, y, jax.random.key(0)).compile()
+    stats = step.memory_analysis()
+    state_bytes = sum(jnp.asarray(a).nbytes for a in jax.tree.leaves(state))
+    assert stats.argument_size_in_bytes >= state_bytes + x.nbytes + y.nbytes
+    assert stats.alias_size_in_bytes == state_bytes  # the donated state, written over
+    need = (stats.argument_size_in_bytes - state_bytes) + stats.temp_size_in_bytes + stats.output_size_in_bytes \
+        - state_bytes
+    assert stats.temp_size_in_bytes > 0 and need > 0
+    monkeypatch.setattr(tu, 'free_memory', lambda device: need)
+    assert tu.memory_shortage(step, 'the training step', state_bytes, 'less') is None
+    monkeypatch.setattr(tu, 'free_memory', lambda device: need - 1)
+    n = jax.local_device_count()
+    assert tu.memory_shortage(step, 'the training step', state_bytes, 'less') == \
+        f"the training step needs {tu.size(n * need)} of memory, more than the {tu.size(n * (need - 1))} available: " \
+        f"try less"

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 import checkpoints
 import jax_train_utils as tu
-from jax_transformer import GPTConfig, param_shapes
+from jax_transformer import GPTConfig, ARCHITECTURE_KEYS, param_shapes
 from nanogpt_checkpoints import read_nanogpt_checkpoint, params_from_nanogpt, params_to_nanogpt
 from conftest import run_script, file_hashes, model_logits, nanogpt_model
 from test_jax_train_utils import nanogpt_lr, train_step
@@ -309,7 +309,7 @@ def test_export_of_a_tanh_gelu_model(tmp_path, script_env):
     # every parameter random (LayerNorms and biases too, so that each one matters), and the moments
     state = SimpleNamespace(params=randoms(0.1), opt_state=tu.AdamWState(
         count=np.int32(7), mu=randoms(0.01), nu=jax.tree.map(np.abs, randoms(1e-4))))
-    model_args = {k: v for k, v in config.__dict__.items() if k not in ('dtype', 'remat')}
+    model_args = {k: getattr(config, k) for k in ARCHITECTURE_KEYS + ('dropout',)}
     run_config = dict(dataset='chars', learning_rate=1e-3, weight_decay=WEIGHT_DECAY, beta1=BETAS[0], beta2=BETAS[1])
     meta = {'model_args': model_args, 'iter_num': 7, 'best_val_loss': 4.5, 'config': run_config}
     checkpoints.save_checkpoint(checkpoints.checkpoint_manager(tmp_path / 'out'), state, meta)

@@ -363,21 +363,17 @@ def test_a_second_run_on_the_same_out_dir_is_refused_and_touches_nothing(referen
     assert checkpoints.newest_checkpoint(manager).meta['iter_num'] == stopped_at
 
 
-def test_out_of_memory_says_what_to_try_and_keeps_the_checkpoint(reference, data_root, script_env, tmp_path):
-    """A new run over a checkpoint (--overwrite_checkpoint=True) with batches of 4096 x 1024 tokens,
-    under a 16 GB limit on its address space: XLA's allocation of ~40 GB for the first evaluation
-    fails as a full device's would. One line says what to try; exit code 1; the checkpoint is as it was."""
+def test_a_run_that_cannot_fit_in_memory_stops_before_any_work(reference, data_root, script_env, tmp_path):
+    """A new run over a checkpoint (--overwrite_checkpoint=True) with batches of 65536 x 2048 tokens:
+    the compiled steps' memory, known before the first one runs, is far more than the machine has.
+    One line with both figures and what to try; exit code 1; nothing done, the checkpoint as it was."""
     shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
     before = file_hashes(tmp_path)
-    limited = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30)); " \
-              "sys.argv[0] = 'train_jax.py'; runpy.run_path('train_jax.py', run_name='__main__')"
     args = ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}', '--overwrite_checkpoint=True',
-                   '--block_size=1024', '--batch_size=4096', '--gradient_accumulation_steps=1', '--eval_iters=1',
-                   '--cpu_devices=1']
-    out = subprocess.run([sys.executable, '-c', limited] + args, cwd=REPO, env=script_env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 1 and re.fullmatch(
-        r"error: out of memory in evaluation \(allocating \d+\.\d GiB, with 0\.7 MiB of params and optimizer state "
-        r"per device\): try a smaller --batch_size with more --gradient_accumulation_steps \(the same tokens per "
-        r"iteration\)\n", out.stderr), out.stderr[-3000:]
-    assert file_hashes(tmp_path) == before
+                   '--block_size=2048', '--batch_size=65536', '--gradient_accumulation_steps=2', '--eval_iters=2']
+    code, stdout, stderr = run('train_jax.py', args, script_env)
+    assert code == 1 and re.fullmatch(
+        r"error: evaluation needs [\d,.]+ GiB of memory \(2 CPU devices x [\d,.]+ GiB\), more than the [\d,.]+ GiB "
+        r"available: try a smaller --batch_size with more --gradient_accumulation_steps \(the same tokens per "
+        r"iteration\), or --attention=blockwise, or --fsdp=True, or a shorter --block_size\n", stderr), stderr[-3000:]
+    assert not lines(stdout, 'step ') and file_hashes(tmp_path) == before

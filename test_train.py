@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configurator import configure
-from conftest import REPO, SHARED, SHAKESPEARE, run_script, start_script, lines, metrics, reserved_port
+from conftest import REPO, SHARED, SHAKESPEARE, run_script, start_script, lines, metrics, reserved_port, cpu_devices
 
 # nanoGPT README's command line for a CPU, then a smaller model and run so that the test is quick
 NANOGPT_CPU_ARGS = ['config/train_shakespeare_char.py', '--device=cpu', '--compile=False', '--eval_iters=20',
@@ -177,7 +177,7 @@ def test_same_losses_on_any_topology_and_resume_across_it(data_root, tmp_path, s
     assert 'tokens per iteration will be: 256' in log0 and 'tokens per iteration will be: 256' in one
     assert not lines(log1, 'iter ') and not lines(log1, 'step ')  # process 0 alone prints
     resume = ['--init_from=resume', '--max_iters=13', '--fsdp=True', '--fsdp_min_size=512']
-    four_devices = dict(script_env, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+    four_devices = dict(script_env, XLA_FLAGS=cpu_devices(4))
     resumed = run_script('train_jax.py', multi + resume, four_devices).stdout
     assert 'devices: 4 x cpu in 1 process(es), 2 micro-step(s) of 1 rows per device, compute dtype float32, FSDP' \
         in resumed

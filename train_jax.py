@@ -32,6 +32,7 @@ eval_interval = 2000
 log_interval = 1
 eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
+hellaswag_interval = 0  # score HellaSwag (data_root/hellaswag) every this many iterations, as build-nanogpt; 0: never
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
 init_from = 'scratch'  # 'scratch' or 'resume' or 'gpt2*' or a Hugging Face GPT-2 folder
 overwrite_checkpoint = False  # if True, a run not resuming replaces out_dir's checkpoint when it saves its own
@@ -52,6 +53,7 @@ n_embd = 768
 dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
 bias = False  # do we use bias inside LayerNorm and Linear layers?
 remat = False  # recompute each block's activations in the backward pass: less memory, more compute
+attention = 'auto'  # 'dense', 'blockwise' (flash-style, memory O(T)) or 'cudnn' (NVIDIA, bf16); 'auto' picks
 # adamw optimizer
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
@@ -75,6 +77,8 @@ fsdp = False  # shard params and optimizer state over the devices, for models to
 fsdp_min_size = 2 ** 16  # with fsdp, arrays with fewer elements stay replicated on every device
 peak_flops = 0.0  # peak FLOP/s of one device, for MFU; 0.0 looks the device up
 compilation_cache = '~/.cache/nanogpt_jax'  # compiled programs kept for the next run of the same shapes; '' turns it off
+join_timeout = 300  # multi-host: seconds for every process to join, else each says who came
+process_timeout = 60  # multi-host: seconds without a sign of a process before the others stop; see README
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 config = {k: globals()[k] for k in config_keys(globals())}  # will be useful for logging
@@ -84,12 +88,16 @@ if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"init_from='resume' but out_dir {out_dir!r} does not exist")
 checks.check_train_config(config)
 checks.check_out_dir(out_dir)
+if hellaswag_interval:  # read now: a missing or damaged file stops the run before any work
+    hellaswag_examples, gpt2_encoding = checks.hellaswag_examples(data_root), checks.gpt2_encoding()
 
 import jax
 from jax.experimental import multihost_utils
 
 import checkpoints
+import hellaswag
 import jax_train_utils as tu
+import processes
 from gpt2_weights import GPT2_MODELS, from_pretrained
 from jax_transformer import (GPTConfig, ARCHITECTURE_KEYS, init_params, param_shapes, count_params,
                              crop_block_size, estimate_mfu)
@@ -101,7 +109,8 @@ if init_from not in ('scratch', 'resume') + GPT2_MODELS and not os.path.isdir(in
 
 tu.configure_devices(device, cpu_devices, [(gradient_accumulation_steps, batch_size), (eval_iters, batch_size)])
 tu.use_compilation_cache(compilation_cache)
-tu.init_distributed()
+processes.init_distributed(join_timeout, process_timeout, out_dir)
+processes.check_same_everywhere(config, os.path.join(data_root, dataset))
 master_process = jax.process_index() == 0  # this process does logging, checkpointing etc.
 if not eval_only:  # one training run per out_dir; eval_only reads the checkpoint alone, as sampling does
     try:
@@ -111,8 +120,9 @@ if not eval_only:  # one training run per out_dir; eval_only reads the checkpoin
 try:
     dtype = tu.resolve_dtype(dtype)
     # one iteration is gradient_accumulation_steps x batch_size rows, however many devices share it
-    train_layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count())
-    eval_layout = tu.batch_layout(eval_iters, batch_size, jax.device_count(), name='eval_iters')
+    cpu = jax.default_backend() == 'cpu'  # its devices share the machine's memory
+    train_layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count(), shared_memory=cpu)
+    eval_layout = tu.batch_layout(eval_iters, batch_size, jax.device_count(), name='eval_iters', shared_memory=cpu)
 except ValueError as e:
     die(str(e))
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
@@ -213,13 +223,15 @@ if block_size < model_config.block_size:
     params, model_config = crop_block_size(params, model_config, block_size)
     model_args['block_size'] = block_size  # so that the checkpoint will have the right value
 # how this run computes, which is not in the checkpoint
-model_config = dataclasses.replace(model_config, dropout=dropout, dtype=dtype, remat=remat)
+model_config = dataclasses.replace(model_config, dropout=dropout, dtype=dtype, remat=remat, attention=attention)
 
 # every token of the data must be in the model's vocabulary
 vocab_from = {'scratch': meta_path if meta_vocab_size else "GPT-2's, padded", 'resume': "the checkpoint's"}
 for split in ('train', 'val'):
     checks.check_token_ids(os.path.join(data_dir, f'{split}.bin'), model_config.vocab_size,
                            vocab_from.get(init_from, init_from))
+if hellaswag_interval:
+    checks.check_hellaswag_vocab(model_config.vocab_size, gpt2_encoding)
 
 # optimizer
 abstract_params = param_shapes(model_config)
@@ -251,13 +263,29 @@ if peak_flops == 0.0:
     peak_flops = tu.device_peak_flops(devices[0]) or 0.0
 dropout_key = jax.random.fold_in(key, 1)
 
+# compile the steps now: a run that cannot fit in the devices' memory stops before any work
+memory_advice = lambda where: tu.memory_advice(where, remat, fsdp, attention, len(devices), init_from == 'resume')
+try:
+    eval_step = tu.eval_loss.lower(state, *[tu.batch_spec(mesh, eval_layout, block_size)] * 2).compile()
+    compiled = {'evaluation': eval_step}
+    if not eval_only:
+        train_step = train_step.lower(state, *[tu.batch_spec(mesh, train_layout, block_size)] * 2,
+                                      dropout_key).compile()
+        compiled['the training step'] = train_step
+except ValueError as e:  # an attention that cannot run here
+    die(str(e))
+for where, program in compiled.items():
+    shortage = tu.memory_shortage(program, where, state_bytes, memory_advice(where))
+    if processes.max_over_processes(int(shortage is not None)):  # all processes stop, not one
+        die(shortage or f"{where} does not fit in the memory of another process's devices: see its error", code=1)
+
 
 def estimate_loss():
     """Mean loss over eval_iters batches of each split, dropout off, on all devices."""
     out = {}
     for split, stream in tu.EVAL_STREAMS.items():
         x, y = get_batch(split, iter_num, eval_layout, stream)
-        out[split] = float(tu.eval_loss(state, x, y))
+        out[split] = float(eval_step(state, x, y))
     return out
 
 
@@ -269,8 +297,9 @@ def save_checkpoint():
         print(f"saving checkpoint to {out_dir}")
     try:
         checkpoints.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
-                                            'best_val_loss': best_val_loss, 'config': config})
+                                                     'best_val_loss': best_val_loss, 'config': config})
     except OSError as e:
+        processes.wait_for_lost_process()  # a save that fails on a multi-host run may be the sign of a lost process
         last = manager.latest_step()
         die(f"saving the checkpoint to {out_dir!r} failed: {e}; " +
             (f"the last complete checkpoint (iter {last}) is kept: fix that and resume with --init_from=resume"
@@ -289,7 +318,7 @@ def out_of_memory(error, where):
     """Stop with what to change when the devices ran out of memory; any other error goes on up."""
     if 'RESOURCE_EXHAUSTED' not in str(error):
         raise error
-    die(tu.out_of_memory_message(error, where, state_bytes, remat, fsdp, len(devices)), code=1)
+    die(tu.out_of_memory_message(error, where, state_bytes, memory_advice(where)), code=1)
 
 
 # logging
@@ -309,7 +338,7 @@ t0 = time.time()
 iters_timed = 0  # iterations since t0
 local_iter_num = 0  # number of iterations in the lifetime of this process
 running_mfu = -1.0
-stop_signals = tu.catch_stop_signals()  # SIGTERM, ^C: finish the iteration, save, exit
+stop_signals = processes.catch_stop_signals()  # SIGTERM, ^C: finish the iteration, save, exit (a TPU's notice too)
 stop = 0
 while True:
     # evaluate the loss on train/val sets and write checkpoints
@@ -332,6 +361,17 @@ while True:
             if local_iter_num > 0:  # not the state this run started from
                 save_checkpoint()
         t0, iters_timed = time.time(), 0  # time the training iterations only
+    if hellaswag_interval and iter_num % hellaswag_interval == 0:
+        # a micro-batch's rows a step: 4 rows an example, each as long as its context and ending
+        scores = hellaswag.evaluate(state.params, model_config, hellaswag_examples, gpt2_encoding, mesh,
+                                    max(1, batch_size // 4))
+        if master_process:
+            print(f"step {iter_num}: hellaswag acc_norm {scores['acc_norm']:.4f}, acc {scores['acc']:.4f} "
+                  f"({scores['count']:,} examples)")
+            write_metrics(iter=iter_num, hellaswag_acc=scores['acc'], hellaswag_acc_norm=scores['acc_norm'])
+        if wandb_log and master_process:
+            wandb.log({"iter": iter_num, "hellaswag/acc": scores['acc'], "hellaswag/acc_norm": scores['acc_norm']})
+        t0, iters_timed = time.time(), 0
     if eval_only:
         break
 
@@ -368,7 +408,7 @@ while True:
     # termination conditions
     if iter_num > max_iters:
         break
-    stop = tu.stop_signal(stop_signals, iter_num % log_interval == 0)
+    stop = processes.stop_signal(stop_signals, iter_num, iter_num % log_interval == 0)
     if stop:
         if master_process:
             print(f"{signal.Signals(stop).name} received: stopping at iter {iter_num}")

@@ -6,21 +6,32 @@ data/openwebtext/prepare.py. See also:
 https://github.com/HazyResearch/flash-attention/blob/main/training/src/datamodules/language_modeling_hf.py
 
 $ python data/openwebtext/prepare.py                        # downloads openwebtext (~54GB in the HF cache)
-$ python data/openwebtext/prepare.py --input=docs.jsonl     # local json/jsonl with a 'text' column
+$ python data/openwebtext/prepare.py --input=docs.jsonl     # local JSON lines, each an object with a 'text'
 $ python data/openwebtext/prepare.py --input=docs/ --out_dir=/tmp/owt   # a folder of .txt files, one document each
+
+The hub's openwebtext (Skylion007/openwebtext) is a loading script, which datasets >= 4.0 no
+longer runs. Then the documents are read from the parquet files the hub converted it to, on the
+branch refs/convert/parquet of that repository: the same documents in the same order, so the
+same train.bin and val.bin.
 """
 import os
-import glob
+import sys
 import argparse
 import numpy as np
-import tiktoken
 from tqdm import tqdm
 from datasets import load_dataset  # huggingface datasets
+from datasets.exceptions import DatasetGenerationError
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from inputs import die, gpt2_encoding, input_files, check_documents  # noqa: E402
 
 # number of worker processes for load_dataset() and .map(); ~ number of cpu cores // 2
 num_proc = max(1, (os.cpu_count() or 2) // 2)
 
-enc = tiktoken.get_encoding("gpt2")
+# the hub's parquet conversion of openwebtext: one config, plain_text, one split, train
+OPENWEBTEXT_PARQUET = 'hf://datasets/Skylion007/openwebtext@refs/convert/parquet/plain_text/train/*.parquet'
+
+enc = gpt2_encoding()
 
 
 def process(example):
@@ -29,21 +40,46 @@ def process(example):
     return {'ids': ids, 'len': len(ids)}
 
 
-def load(input_path=None):
-    if input_path is None:
+def load_openwebtext():
+    """load_dataset("openwebtext") as in nanoGPT, or where datasets runs no loading scripts, the
+    hub's parquet conversion of it."""
+    try:
         # about 8M documents (8,013,769)
         return load_dataset("openwebtext", num_proc=num_proc)
+    except RuntimeError as e:
+        if 'Dataset scripts are no longer supported' not in str(e):
+            raise
+    print(f"openwebtext is a loading script, which datasets >= 4.0 does not run: reading the hub's parquet "
+          f"conversion of it, {OPENWEBTEXT_PARQUET}")
+    try:
+        return load_dataset("parquet", data_files={'train': OPENWEBTEXT_PARQUET}, num_proc=num_proc)
+    except (FileNotFoundError, ValueError) as e:  # no such files: not converted, or the first 5GB only (partial-train/)
+        die(f"the hub holds no complete parquet conversion of openwebtext ({str(e).splitlines()[0]}); "
+            f"pip install 'datasets<4' to run its loading script, or pass a local copy with --input")
+
+
+def load(input_path=None):
+    if input_path is None:
+        try:
+            return load_openwebtext()
+        except OSError as e:  # no network, and nothing in the HF cache
+            die(f"cannot load openwebtext from the Hugging Face hub ({str(e).splitlines()[0]}); "
+                f"offline, pass a local copy with --input")
     if os.path.isdir(input_path):
-        files = sorted(glob.glob(os.path.join(input_path, '*.txt')))
-        assert files, f"no .txt files in {input_path}"
+        files = input_files(input_path, ('.txt',))
         return load_dataset("text", data_files={'train': files}, sample_by="document")
-    return load_dataset("json", data_files={'train': input_path})
+    [path] = input_files(input_path, ('.json', '.jsonl'))
+    check_documents(path)
+    return load_dataset("json", data_files={'train': path})
 
 
 def prepare(input_path=None, out_dir=None):
     out_dir = out_dir or os.path.dirname(os.path.abspath(__file__))
     os.makedirs(out_dir, exist_ok=True)
-    dataset = load(input_path)
+    try:
+        dataset = load(input_path)
+    except DatasetGenerationError as e:  # a local file that is not what it says
+        die(f"cannot read {input_path}: {e.__cause__ or e}")
 
     # owt only has a 'train' split, so carve out a small val split
     split_dataset = dataset['train'].train_test_split(test_size=0.0005, seed=2357, shuffle=True)
@@ -62,7 +98,8 @@ def prepare(input_path=None, out_dir=None):
     for split, dset in tokenized.items():
         arr_len = np.sum(dset['len'], dtype=np.uint64)
         filename = os.path.join(out_dir, f'{split}.bin')
-        arr = np.memmap(filename, dtype=np.uint16, mode='w+', shape=(arr_len,))  # max token 50256 < 2**16
+        # written as .tmp and renamed when complete: a killed run leaves no file that looks complete
+        arr = np.memmap(filename + '.tmp', dtype=np.uint16, mode='w+', shape=(arr_len,))  # max token 50256 < 2**16
         # write in contiguous shards (1024 for owt; fewer when there are fewer documents)
         num_shards = min(1024, len(dset))
         idx = 0
@@ -73,14 +110,16 @@ def prepare(input_path=None, out_dir=None):
             idx += len(ids)
         arr.flush()
         assert idx == arr_len
+        del arr  # closes the memmap before its file is renamed
+        os.replace(filename + '.tmp', filename)
         print(f"{split} has {len(dset):,} documents, {int(arr_len):,} tokens")
         lengths[split] = int(arr_len)
     return lengths
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--input', default=None, help="local .json/.jsonl file with a 'text' column, or a folder of .txt files (default: download openwebtext)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument('--input', default=None, help="local JSON lines with a 'text' in each, or a folder of .txt files (default: download openwebtext)")
     parser.add_argument('--out_dir', default=None, help="where to write train.bin/val.bin (default: next to this script)")
     args = parser.parse_args()
     prepare(args.input, args.out_dir)

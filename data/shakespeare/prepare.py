@@ -10,9 +10,9 @@ import os
 import argparse
 import sys
 import numpy as np
-import tiktoken
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from inputs import gpt2_encoding  # noqa: E402
 from tiny_shakespeare import read_text  # noqa: E402
 
 
@@ -24,7 +24,7 @@ def prepare(input_path=None, out_dir=None):
     # split the text 90/10 by characters, then encode each part separately
     n = len(data)
     split = int(n * 0.9)
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     train_ids = np.array(enc.encode_ordinary(data[:split]), dtype=np.uint16)
     val_ids = np.array(enc.encode_ordinary(data[split:]), dtype=np.uint16)
     print(f"train has {len(train_ids):,} tokens")
