@@ -368,11 +368,9 @@ def all_finite(tree):
 
 
 def memory_advice(where, remat, fsdp, attention, n_devices, resuming):
-    """What to try when where ('the training step', 'evaluation', 'sampling') needs more memory than
-    the devices have, among what the run does not do yet: remat helps the training step's backward
+    """What to try when where ('the training step' or 'evaluation') needs more memory than the
+    devices have, among what the run does not do yet: remat helps the training step's backward
     pass alone, fsdp needs several devices, a resumed run keeps its checkpoint's block_size."""
-    if where == 'sampling':
-        return "fewer --num_samples at a time"
     tries = ["a smaller --batch_size with more --gradient_accumulation_steps (the same tokens per iteration)"]
     if not remat and where == 'the training step':
         tries.append("--remat=True")
@@ -421,8 +419,8 @@ def free_memory(device):
 
 
 def memory_shortage(compiled, where, resident_bytes, advice):
-    """The one line saying that the compiled program of where ('the training step', 'evaluation',
-    'sampling') cannot fit in the devices' free memory, before it runs, and what to try (see
+    """The one line saying that the compiled program of where ('the training step' or
+    'evaluation') cannot fit in the devices' free memory, before it runs, and what to try (see
     memory_advice); None when it fits, or either figure is unknown. It allocates its inputs and
     temporaries, and its outputs that do not reuse a donated input, all but resident_bytes of its
     inputs being on the devices already."""

@@ -124,7 +124,7 @@ def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch():
     expected = whole_batch_gradient(make_state(), x, y)
     big, big_loss = train_step(make_state(grad_clip=0.0), x[None], y[None], key)  # GA=1, B=8
     acc, acc_loss = train_step(make_state(grad_clip=0.0), x.reshape(4, 2, -1), y.reshape(4, 2, -1), key)  # GA=4, B=2
-    assert abs(float(big_loss) - float(acc_loss)) < 1e-6
+    np.testing.assert_allclose(float(acc_loss), float(big_loss), rtol=1e-6)
     for state in (big, acc):
         for (path, mu), (_, g) in zip(param_paths(state.opt_state.mu), param_paths(expected)):
             np.testing.assert_allclose(np.array(mu), 0.1 * np.array(g), rtol=1e-4, atol=1e-9, err_msg=str(path))

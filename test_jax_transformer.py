@@ -212,6 +212,8 @@ def test_remat_gives_the_same_gradients(params):
 
 
 if __name__ == '__main__':
-    # -rs: say which tests were skipped and why (those that compare with PyTorch, without torch).
-    # pytest warns that it cannot rewrite the asserts of plugins this file's imports loaded first: harmless
-    sys.exit(pytest.main([__file__, '-rs', '-W', 'ignore::pytest.PytestAssertRewriteWarning'] + sys.argv[1:]))
+    # -rs: say which tests were skipped and why (those that compare with PyTorch, without torch);
+    # -n 0: in this process. pytest warns that it cannot rewrite the asserts of plugins this file's
+    # imports loaded first: harmless
+    sys.exit(pytest.main([__file__, '-rs', '-n', '0', '-W', 'ignore::pytest.PytestAssertRewriteWarning'] +
+                         sys.argv[1:]))

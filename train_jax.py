@@ -265,19 +265,25 @@ dropout_key = jax.random.fold_in(key, 1)
 
 # compile the steps now: a run that cannot fit in the devices' memory stops before any work
 memory_advice = lambda where: tu.memory_advice(where, remat, fsdp, attention, len(devices), init_from == 'resume')
-try:
-    eval_step = tu.eval_loss.lower(state, *[tu.batch_spec(mesh, eval_layout, block_size)] * 2).compile()
-    compiled = {'evaluation': eval_step}
-    if not eval_only:
-        train_step = train_step.lower(state, *[tu.batch_spec(mesh, train_layout, block_size)] * 2,
-                                      dropout_key).compile()
-        compiled['the training step'] = train_step
-except ValueError as e:  # an attention that cannot run here
-    die(str(e))
-for where, program in compiled.items():
+
+
+def compile_to_fit(where, lowered):
+    """The compiled program of where; the run stops if it cannot fit in the devices' memory."""
+    program = lowered.compile()
     shortage = tu.memory_shortage(program, where, state_bytes, memory_advice(where))
     if processes.max_over_processes(int(shortage is not None)):  # all processes stop, not one
         die(shortage or f"{where} does not fit in the memory of another process's devices: see its error", code=1)
+    return program
+
+
+try:
+    eval_step = compile_to_fit('evaluation', tu.eval_loss.lower(
+        state, *[tu.batch_spec(mesh, eval_layout, block_size)] * 2))
+    if not eval_only:
+        train_step = compile_to_fit('the training step', train_step.lower(
+            state, *[tu.batch_spec(mesh, train_layout, block_size)] * 2, dropout_key))
+except ValueError as e:  # an attention that cannot run here
+    die(str(e))
 
 
 def estimate_loss():
