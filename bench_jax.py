@@ -61,6 +61,7 @@ stream_chunk = 8  # sample=True: tokens per device call when streamed, as sample
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
+checks.check_dtype(dtype)
 CONTENDERS = ['jax', 'torch eager', 'torch compiled']
 contenders = CONTENDERS if compare_torch else ['jax']
 if only:
@@ -87,9 +88,12 @@ def bench_points():
     shapes = [tuple(int(n) for n in point.split('x')) for point in points.split(',')]
     results = defaultdict(list)
     for block_size, batch_size in shapes:
-        for _ in range(rounds):
+        for r in range(rounds):
             for contender in contenders:
-                results[block_size, batch_size, contender].append(run_alone(contender, block_size, batch_size))
+                run = run_alone(contender, block_size, batch_size)
+                results[block_size, batch_size, contender].append(run)
+                print(f"{block_size} x {batch_size}, round {r + 1} of {rounds}: {contender} {run['ms']:.1f} ms/iter",
+                      flush=True)
     print("block_size x batch_size: contender ms/iter, tokens/s, peak RSS (compiled: the steps' own memory)")
     for block_size, batch_size in shapes:
         ms = {c: float(np.median([r['ms'] for r in results[block_size, batch_size, c]])) for c in contenders}
@@ -97,7 +101,8 @@ def bench_points():
             runs = results[block_size, batch_size, c]
             compiled = f", compiled {max(r['compiled_mib'] for r in runs):,.0f} MiB" if c == 'jax' else ""
             speed = f", jax {ms[c] / ms['jax']:.2f}x its iterations/s" if c != 'jax' and 'jax' in ms else ""
-            print(f"{block_size} x {batch_size}: {c} {ms[c]:.1f} ms/iter, {runs[0]['tokens_per_s']:,.0f} tokens/s, "
+            tokens_per_s = gradient_accumulation_steps * batch_size * block_size / (ms[c] / 1000)  # at the median
+            print(f"{block_size} x {batch_size}: {c} {ms[c]:.1f} ms/iter, {tokens_per_s:,.0f} tokens/s, "
                   f"peak RSS {max(r['rss_mib'] for r in runs):,.0f} MiB{compiled}{speed}")
 
 
@@ -314,8 +319,10 @@ def bench_training():
         for r in range(max(num_steps // steps_per_round, 1)):
             for name, iteration in iterations.items():
                 times[name] += [timed(iteration) for _ in range(steps_per_round)]
-            if 'jax' in iterations and device_type == 'cpu' and not peak_flops and not profile:
-                cpu_peaks.append(measure_cpu_peak_flops())  # in every round too: the machine may be shared
+            # in every round too, the machine may be shared; not with only, where its matrices would count in
+            # the contender's peak memory
+            if 'jax' in iterations and device_type == 'cpu' and not peak_flops and not profile and not only:
+                cpu_peaks.append(measure_cpu_peak_flops())
     peak, n_devices = peak_flops, 1
     if 'jax' in iterations:
         peak, n_devices = peak_flops or tu.device_peak_flops(devices[0]), len(devices)
@@ -341,7 +348,7 @@ def bench_training():
             print(f"{ms:8.3f} ms  {name}")
     if only:  # for bench_points, which runs each contender alone
         dt = float(np.median(times[only]))
-        print(json.dumps({'ms': dt * 1000, 'tokens_per_s': tokens / dt, 'rss_mib': rss / 2**20,
+        print(json.dumps({'ms': dt * 1000, 'rss_mib': rss / 2**20,
                           'compiled_mib': (compiled_bytes or 0) / 2**20}))
 
 

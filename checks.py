@@ -28,6 +28,15 @@ def in_unit_interval(config, key):
         die(f"{key}={config[key]} is not allowed: {key} must be at least 0 and below 1")
 
 
+def check_dtype(dtype):
+    """dtype is a compute dtype the scripts run in."""
+    if dtype == 'float16':
+        die("dtype 'float16' needs loss scaling, which this port does not do: use --dtype=bfloat16 (GPU/TPU) or "
+            "--dtype=float32")
+    if dtype not in ('float32', 'bfloat16', 'auto'):
+        die(f"unknown dtype {dtype!r}: use 'float32', 'bfloat16' or 'auto'")
+
+
 def check_train_config(config):
     """The values of train_jax.py's config (a dict of its keys) that no run could use."""
     for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval',
@@ -38,6 +47,7 @@ def check_train_config(config):
         at_least(config, key, 0)
     for key in ('dropout', 'beta1', 'beta2'):
         in_unit_interval(config, key)
+    check_dtype(config['dtype'])
     if config['attention'] not in ('auto', 'dense', 'blockwise', 'cudnn'):
         die(f"attention={config['attention']!r} is not allowed: use 'auto', 'dense', 'blockwise' or 'cudnn'")
     if config['init_from'] == 'scratch':  # a resumed or pretrained model has the shape of its checkpoint
@@ -50,6 +60,7 @@ def check_train_config(config):
 
 def check_sample_config(config):
     """The values of sample_jax.py's config that no sampling could use."""
+    check_dtype(config['dtype'])
     for key in ('num_samples', 'max_new_tokens', 'top_k'):
         at_least(config, key, 1)
     if not 0.0 < config['top_p'] <= 1.0:

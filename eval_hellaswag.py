@@ -29,6 +29,7 @@ configure(globals(), sys.argv[1:])
 if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")
 checks.at_least(globals(), 'batch_size', 1)
+checks.check_dtype(dtype)
 examples = checks.hellaswag_examples(data_root)
 enc = checks.gpt2_encoding()
 
@@ -46,10 +47,7 @@ tu.configure_devices(device, cpu_devices, [(1, batch_size)])
 processes.init_distributed(join_timeout, process_timeout, out_dir)
 master_process = jax.process_index() == 0  # this process prints
 tu.use_compilation_cache(compilation_cache)
-try:
-    dtype = tu.resolve_dtype(dtype)
-except ValueError as e:
-    die(str(e))
+dtype = tu.resolve_dtype(dtype)
 mesh = tu.make_mesh()
 replicated = NamedSharding(mesh, P())
 

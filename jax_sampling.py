@@ -171,6 +171,23 @@ def generate_chunk(params, config, state, keys, until, temperature=1.0, top_k=No
     return state
 
 
+def stop_width(stops):
+    """The bytes a row keeps of what it generated, to find the stop strings (from stop_tables) in them."""
+    return 0 if stops is None else stops[1].shape[1]
+
+
+def compiled_generation(params, config, prompt, length, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
+                        stops=None):
+    """The two programs generate_stream runs with these arguments, compiled (the one that starts
+    the generation, the one that continues it): what they need is known before either runs, and
+    generate_stream finds them compiled."""
+    start = start_generation.lower(params, config, prompt, length, max_new_tokens, stop_width(stops)).compile()
+    keys = jax.random.split(jax.random.key(0), max_new_tokens)
+    chunk = generate_chunk.lower(params, config, start.out_info, keys, max_new_tokens, temperature, top_k, top_p,
+                                 stops).compile()
+    return start, chunk
+
+
 def generate_stream(params, config, prompt, length, key, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
                     stops=None, chunk=None):
     """Generate max_new_tokens tokens after the first `length` tokens of each row of prompt (B, P)
@@ -179,7 +196,7 @@ def generate_stream(params, config, prompt, length, key, max_new_tokens, tempera
     (B, P + max_new_tokens), how many tokens were generated (a row so far is tokens[b, :length +
     step]) and the rows done (B,). The tokens do not depend on the chunks: token i is drawn with
     the i-th key of jax.random.split(key, max_new_tokens), as in one call."""
-    state = start_generation(params, config, prompt, length, max_new_tokens, 0 if stops is None else stops[1].shape[1])
+    state = start_generation(params, config, prompt, length, max_new_tokens, stop_width(stops))
     keys = jax.random.split(key, max_new_tokens)
     step, done = 0, np.zeros(len(prompt), bool)
     while step < max_new_tokens and not done.all():

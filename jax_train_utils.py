@@ -108,14 +108,10 @@ def batch_layout(n_batches, batch_size, n_devices, name='gradient_accumulation_s
 
 
 def resolve_dtype(dtype):
-    """The compute dtype name: 'auto' is bfloat16 on GPU/TPU and float32 on CPU."""
+    """The compute dtype name (one checks.check_dtype lets through): 'auto' is bfloat16 on GPU/TPU
+    and float32 on CPU."""
     if dtype == 'auto':
         return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
-    if dtype == 'float16':
-        raise ValueError("dtype 'float16' needs loss scaling, which this port does not do: "
-                         "use --dtype=bfloat16 (GPU/TPU) or --dtype=float32")
-    if dtype not in ('float32', 'bfloat16'):
-        raise ValueError(f"unknown dtype {dtype!r}: use 'float32', 'bfloat16' or 'auto'")
     return dtype
 
 
@@ -419,8 +415,8 @@ def free_memory(device):
 
 
 def memory_shortage(compiled, where, resident_bytes, advice):
-    """The one line saying that the compiled program of where ('the training step' or
-    'evaluation') cannot fit in the devices' free memory, before it runs, and what to try (see
+    """The one line saying that the compiled program of where ('the training step', 'evaluation'
+    or 'sampling') cannot fit in the devices' free memory, before it runs, and what to try (see
     memory_advice); None when it fits, or either figure is unknown. It allocates its inputs and
     temporaries, and its outputs that do not reuse a donated input, all but resident_bytes of its
     inputs being on the devices already."""

@@ -49,15 +49,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import checkpoints
 import jax_train_utils as tu
-from jax_sampling import generate_stream, printable_end, prompt_buffer, stop_tables
+from jax_sampling import compiled_generation, generate_stream, printable_end, prompt_buffer, stop_tables
 
 tu.configure_devices(device, cpu_devices, [(1, num_samples)])
 tu.use_compilation_cache(compilation_cache)
-try:
-    dtype = tu.resolve_dtype(dtype)
-except ValueError as e:
-    die(str(e))
-
+dtype = tu.resolve_dtype(dtype)
 mesh = tu.make_mesh()
 replicated = NamedSharding(mesh, P())
 
@@ -100,6 +96,22 @@ stop_table = stop_tables(pieces, stops) if stops else None
 batch_sharding = NamedSharding(mesh, P('data' if num_samples % jax.device_count() == 0 else None))
 
 
+fits = set()  # the prompt shapes whose generation is known to fit in the devices' memory
+
+
+def check_memory(prompt, length):
+    """Stop before sampling when the generation's compiled programs cannot fit in the devices' memory."""
+    if prompt.shape in fits:
+        return
+    params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))  # on every device already
+    for program in compiled_generation(params, config, prompt, length, max_new_tokens, temperature, top_k, top_p,
+                                       stop_table):
+        shortage = tu.memory_shortage(program, 'sampling', params_bytes, "fewer --num_samples at a time")
+        if shortage:
+            die(shortage, code=1)
+    fits.add(prompt.shape)
+
+
 def sample(start_ids):
     """Print num_samples samples of start_ids, generated as one batch, each as soon as its text is
     final: when streaming, the first as it is written, then each next one from where the batch is
@@ -108,6 +120,7 @@ def sample(start_ids):
     size = config.block_size if interactive else min(len(start_ids), config.block_size)
     prompt, length = prompt_buffer(start_ids, size)
     prompt = jax.device_put(np.tile(prompt, (num_samples, 1)), batch_sharding)
+    check_memory(prompt, length)
     start_bytes = b''.join(pieces[i] for i in start_ids)
     row, printed, utf8 = 0, 0, codecs.getincrementaldecoder('utf-8')('replace')
     for tokens, step, done in generate_stream(params, config, prompt, length, jax.random.key(seed), max_new_tokens,

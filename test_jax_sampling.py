@@ -5,6 +5,7 @@ $ python -m pytest -q test_jax_sampling.py
 """
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -52,7 +53,9 @@ def test_sampling_follows_nanogpts_generate(prompt_len, max_new_tokens, monkeypa
     model = nanogpt.GPT(nanogpt.GPTConfig(block_size=TINY.block_size, vocab_size=TINY.vocab_size, n_layer=2,
                                           n_head=4, n_embd=48, bias=True, dropout=0.0)).eval()
     params = randomized(init_params(TINY, jax.random.key(0)), jax.random.key(1), scale=0.5)
-    params = dict(params, wte={'embedding': params['wte']['embedding'] * 10})  # sharp logits: the top_k cut matters
+    # every matrix 10 times nanoGPT's init: sharp logits (the top_k cut matters), and attention that makes each
+    # token depend on the context (a cache that lost it would not sample these tokens)
+    params = jax.tree.map(lambda p: p * 10 if p.ndim == 2 else p, params)
     weights = params_to_nanogpt(params)
     model.load_state_dict({**{k: torch.tensor(v) for k, v in weights.items()},
                            'lm_head.weight': torch.tensor(weights['transformer.wte.weight'])})
@@ -60,7 +63,7 @@ def test_sampling_follows_nanogpts_generate(prompt_len, max_new_tokens, monkeypa
     key = jax.random.key(7)
     for temperature, top_k in ((1.0, None), (1.5, 1), (0.7, 5)):  # top_k=1 is greedy
         keys = jax.random.split(key, max_new_tokens)
-        draws = iter(np.asarray(jax.random.gumbel(k, (3, TINY.vocab_size))) for k in keys)
+        draws = iter(np.array(jax.random.gumbel(k, (3, TINY.vocab_size))) for k in keys)
         gumbel_max = lambda probs, num_samples: torch.argmax(torch.log(probs) + torch.from_numpy(next(draws)), -1,
                                                              keepdim=True)
         monkeypatch.setattr(torch, 'multinomial', gumbel_max)
@@ -281,3 +284,15 @@ def test_interactive_with_stdin_ended_or_closed(tape_model, script_env):
                             text=True, timeout=300)
     assert closed.returncode == 2 and closed.stderr == ("error: interactive=True reads the start texts from stdin, "
                                                         "which is closed: pipe them in or type them\n")
+
+
+def test_samples_that_cannot_fit_in_memory_stop_before_any_work(random_model, script_env):
+    """200,000 samples at once: the generation's compiled programs need more memory than the machine
+    has, which is known before they run: one line with both figures, exit code 1, no sample."""
+    args = [f'--init_from={random_model}', '--num_samples=200000', '--max_new_tokens=2', '--start=Hi',
+            '--cpu_devices=2']
+    p = run_script('sample_jax.py', args, script_env, check=False)
+    assert p.returncode == 1 and re.fullmatch(
+        r"error: sampling needs [\d,.]+ GiB of memory \(2 CPU devices x [\d,.]+ GiB\), more than the [\d,.]+ GiB "
+        r"available: try fewer --num_samples at a time\n", p.stderr), p.stderr[-3000:]
+    assert samples(p.stdout) == ''

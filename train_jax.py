@@ -117,8 +117,8 @@ if not eval_only:  # one training run per out_dir; eval_only reads the checkpoin
         checkpoints.lock_out_dir(out_dir)
     except ValueError as e:
         die(str(e))
+dtype = tu.resolve_dtype(dtype)
 try:
-    dtype = tu.resolve_dtype(dtype)
     # one iteration is gradient_accumulation_steps x batch_size rows, however many devices share it
     cpu = jax.default_backend() == 'cpu'  # its devices share the machine's memory
     train_layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count(), shared_memory=cpu)
