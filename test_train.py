@@ -155,10 +155,11 @@ def numbers(stdout, prefix):
             for l in lines(stdout, prefix)}
 
 
-def test_same_losses_on_any_topology_and_resume_across_it(data_root, tmp_path, script_env):
+def test_same_losses_on_any_topology_and_resume_across_it(one_go, data_root, tmp_path, script_env):
     """With dropout 0 a run prints the same losses on 1 CPU device as on two processes of 2 devices
     each (jax.distributed, gloo collectives), whose checkpoint resumes on one process with 4 devices
-    and FSDP-sharded params, again with the same losses."""
+    and FSDP-sharded params, again with the same losses. (one_go first, in any order: the run that
+    prepares data_root on first use is one_go's.)"""
     args = NANOGPT_CPU_ARGS + SMALL_ARGS + [f'--data_root={data_root}', '--dropout=0.0']
     one = run_script('train_jax.py', args + [f'--out_dir={tmp_path / "one"}', '--cpu_devices=1', '--max_iters=13'],
                      script_env).stdout
