@@ -41,7 +41,6 @@ import jaxlib.utils
 from jax._src import distributed  # the coordination service's client: its key-value store
 from jax.experimental import multihost_utils
 
-from configurator import die
 
 KEYS = 'nanogpt_jax/'  # this program's entries in the coordination service's key-value store
 BEATS_PER_TIMEOUT = 10  # a process beats this many times per process_timeout
@@ -58,6 +57,7 @@ run = {
     'heard': None,  # from the coordination service (see watch): when last, and each process's last beat
     'iter': None,  # the iteration this process is at, from the end of its first one
     'abort_handler': None,  # jax_aborted as a C function, kept alive as long as the process
+    'leaving': None,  # the exit code of a stop all processes agreed on (stop_together), once this one said why
 }
 
 
@@ -272,6 +272,8 @@ def jax_aborted():
     which this process's record of the beats names; anything else is a fatal error of its own."""
     if not run['joined']:
         join_failed()
+    if run['leaving'] is not None:  # stopping with the others, its line said
+        os._exit(run['leaving'])
     if not threading.main_thread().is_alive():  # the program was ending anyway
         os._exit(1)
     heard, interval = run['heard'], run['timeout'] / BEATS_PER_TIMEOUT
@@ -301,6 +303,8 @@ def kept_checkpoint(out_dir):
 
 def stop_lost(process):
     """Stop this process because another one stopped answering: one line, exit code 1."""
+    if run['leaving'] is not None:  # stopping with the others, its line said
+        os._exit(run['leaving'])
     fail(f"{where()}: process {process} of {run['processes']} stopped answering, so the run stops; "
          f"{kept_checkpoint(run['out_dir'])}", 1)
 
@@ -360,8 +364,26 @@ def check_same_everywhere(config, data_dir):
     difference = first_difference(records)
     if difference is not None:
         key, process, value, value_0 = difference
-        die(f"the processes disagree: {key} is {value} on process {process} but {value_0} on process 0: start "
-            f"every process with the same config and data")
+        stop_together(f"the processes disagree: {key} is {value} on process {process} but {value_0} on process 0: "
+                      f"start every process with the same config and data", 2)
+
+
+def stop_together(message, code):
+    """End every process with the same line, which each one reached on its own: each says it and
+    tells the others, and process 0, whose exit ends the coordination service, leaves once all have
+    said it; a process that then loses the service leaves quietly (see jax_aborted)."""
+    run['leaving'] = code
+    sys.stdout.flush()
+    os.write(2, f"error: {message}\n".encode())
+    client = distributed.global_state.client
+    client.key_value_set(f"{KEYS}left/{run['process']}", '1')
+    if run['process'] == 0:
+        try:
+            for p in range(1, run['processes']):
+                client.blocking_key_value_get(f"{KEYS}left/{p}", int(run['timeout'] * 1000 * 2))
+        except Exception:  # one is gone without a word: its loss is the judge's, not ours
+            pass
+    os._exit(code)
 
 
 # -----------------------------------------------------------------------------
