@@ -12,6 +12,7 @@ loss curves that plot_jax.py draws).
 import atexit
 import contextlib
 import csv
+import dataclasses
 import gc
 import json
 import logging
@@ -28,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import orbax.checkpoint as ocp
 
 from gpt2_weights import from_pretrained
@@ -230,15 +232,19 @@ def load_params(out_dir, sharding):
     return checkpoint.meta, GPTConfig(**checkpoint.meta['model_args']), restore_params(manager, checkpoint, sharding)
 
 
-def load_model(init_from, out_dir, sharding):
-    """(metadata, GPTConfig, params placed by sharding) of the model that sampling or an evaluation
-    reads: out_dir's newest checkpoint when init_from is 'resume' (see load_params), else one of
-    OpenAI's GPT-2 or a Hugging Face GPT-2 folder (see gpt2_weights.from_pretrained), whose metadata
-    is None. ValueError with a one-line message when there is no such model."""
+def load_model(init_from, out_dir, mesh, dtype):
+    """(metadata, GPTConfig, params on every device of mesh) of the model that sampling or an
+    evaluation runs, without dropout, computing in dtype: out_dir's newest checkpoint when init_from
+    is 'resume' (see load_params), else one of OpenAI's GPT-2 or a Hugging Face GPT-2 folder (see
+    gpt2_weights.from_pretrained), whose metadata is None. ValueError with a one-line message when
+    there is no such model."""
+    replicated = NamedSharding(mesh, P())
     if init_from == 'resume':
-        return load_params(out_dir, sharding)
-    config, params = from_pretrained(init_from)
-    return None, config, jax.device_put(params, sharding)
+        meta, config, params = load_params(out_dir, replicated)
+    else:
+        meta, (config, params) = None, from_pretrained(init_from)
+        params = jax.device_put(params, replicated)
+    return meta, dataclasses.replace(config, dropout=0.0, dtype=dtype), params
 
 
 # -----------------------------------------------------------------------------

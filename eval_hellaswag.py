@@ -33,10 +33,7 @@ checks.check_dtype(dtype)
 examples = checks.hellaswag_examples(data_root)
 enc = checks.gpt2_encoding()
 
-import dataclasses
-
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import checkpoints
 import hellaswag
@@ -47,16 +44,13 @@ tu.configure_devices(device, cpu_devices, [(1, batch_size)])
 processes.init_distributed(join_timeout, process_timeout, out_dir)
 master_process = jax.process_index() == 0  # this process prints
 tu.use_compilation_cache(compilation_cache)
-dtype = tu.resolve_dtype(dtype)
 mesh = tu.make_mesh()
-replicated = NamedSharding(mesh, P())
 
 # model: out_dir's newest checkpoint (this port's, or nanoGPT's ckpt.pt), or a GPT-2
 try:
-    _, config, params = checkpoints.load_model(init_from, out_dir, replicated)
+    _, config, params = checkpoints.load_model(init_from, out_dir, mesh, tu.resolve_dtype(dtype))
 except ValueError as e:
     die(str(e))
-config = dataclasses.replace(config, dtype=dtype)
 checks.check_hellaswag_vocab(config.vocab_size, enc)
 
 if master_process:

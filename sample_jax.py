@@ -40,7 +40,6 @@ stops = [s.encode('utf-8') for s in checks.stop_strings(stop)]
 if interactive and sys.stdin is None:  # started with stdin closed (<&-), not merely empty
     die("interactive=True reads the start texts from stdin, which is closed: pipe them in or type them")
 
-import dataclasses
 
 import numpy as np
 import jax
@@ -53,17 +52,13 @@ from jax_sampling import compiled_generation, generate_stream, printable_end, pr
 
 tu.configure_devices(device, cpu_devices, [(1, num_samples)])
 tu.use_compilation_cache(compilation_cache)
-dtype = tu.resolve_dtype(dtype)
 mesh = tu.make_mesh()
-replicated = NamedSharding(mesh, P())
 
-# model
+# model: out_dir's newest checkpoint (this port's, or nanoGPT's ckpt.pt), or a given GPT-2 model
 try:
-    # out_dir's newest checkpoint (this port's, or nanoGPT's ckpt.pt), or a given GPT-2 model
-    checkpoint, config, params = checkpoints.load_model(init_from, out_dir, replicated)
+    checkpoint, config, params = checkpoints.load_model(init_from, out_dir, mesh, tu.resolve_dtype(dtype))
 except ValueError as e:
     die(str(e))
-config = dataclasses.replace(config, dropout=0.0, dtype=dtype)
 
 # look for the meta pickle in case it is available in the dataset folder
 load_meta = False
