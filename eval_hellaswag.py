@@ -55,6 +55,7 @@ checks.check_hellaswag_vocab(config.vocab_size, enc)
 
 if master_process:
     print(f"scoring {len(examples):,} examples on {jax.device_count()} device(s)")
-result = hellaswag.evaluate(params, config, examples, enc, mesh, batch_size)
+rows = hellaswag.process_rows(examples, enc, config.block_size)
+result = hellaswag.evaluate(params, config, rows, mesh, batch_size)
 if master_process:
     print(f"hellaswag: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} over {result['count']:,} examples")

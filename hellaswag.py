@@ -14,7 +14,7 @@ length keeps its last tokens.
 checks.read_hellaswag reads the examples from HellaSwag's jsonl files, before JAX is imported.
 """
 
-from functools import partial
+from functools import cache, partial
 
 import numpy as np
 import jax
@@ -63,29 +63,44 @@ def row_losses(params, tokens, mask, config):
     return jnp.sum(nll * scored, axis=1), jnp.sum(scored, axis=1)
 
 
-def evaluate(params, config, examples, enc, mesh, batch_size, length=None):
-    """Score examples with the model (config, its params replicated over mesh, a 1-D mesh 'data'),
-    batch_size examples a step (rounded up to a multiple of the device count), split over the
-    devices, each process scoring its share of the examples. length is the rows' fixed length; by
-    default the longest row rounded up to a multiple of 64, at most the model's block_size.
-    Returns the summed and the mean loss of every ending of this process's examples, (n, 4) each
-    (every example's with one process), and over all processes acc, acc_norm and count."""
+def process_rows(examples, enc, block_size, length=None):
+    """This process's share of the examples, rendered and packed once for every evaluate call:
+    process p takes examples p, p + process_count, p + 2 * process_count, ... length is the rows'
+    fixed length; by default the longest row rounded up to a multiple of 64, at most block_size.
+    A dict of tokens and mask (n, 4, length), labels (n,), and count, the examples of all processes."""
     rendered = [render(example, enc) for example in examples]
     if length is None:
         longest = max(len(tokens) for rows in rendered for tokens, _ in rows)
-        length = min(config.block_size, -(-longest // 64) * 64)
-    # process p scores examples p, p + process_count, p + 2 * process_count, ...
+        length = min(block_size, -(-longest // 64) * 64)
     mine = slice(jax.process_index(), None, jax.process_count())
     tokens, mask = pack(rendered[mine], length)
     labels = np.array([example['label'] for example in examples[mine]])
+    return {'tokens': tokens, 'mask': mask, 'labels': labels, 'count': len(examples)}
+
+
+@cache
+def scorer(config, mesh):
+    """row_losses compiled for the model config, its rows split over mesh: one program for every
+    evaluation of a run."""
+    rows = NamedSharding(mesh, P('data'))
+    return jax.jit(partial(row_losses, config=config), out_shardings=(rows, rows))
+
+
+def evaluate(params, config, rows, mesh, batch_size):
+    """Score the examples of rows (process_rows) with the model (config, its params replicated over
+    mesh, a 1-D mesh 'data'), batch_size examples a step (rounded up to a multiple of the device
+    count), split over the devices. Returns the summed and the mean loss of every ending of this
+    process's examples, (n, 4) each (every example's with one process), and over all processes acc,
+    acc_norm and count."""
+    tokens, mask, labels = rows['tokens'], rows['mask'], rows['labels']
+    length = tokens.shape[-1]
     # every process takes the same number of steps of per_step examples, padded with empty ones
     per_step = -(-batch_size // jax.device_count()) * jax.local_device_count()
-    n_steps = -(-len(examples) // (per_step * jax.process_count()))
+    n_steps = -(-rows['count'] // (per_step * jax.process_count()))
     padding = ((0, n_steps * per_step - len(labels)), (0, 0), (0, 0))
     tokens, mask = np.pad(tokens, padding), np.pad(mask, padding)
 
-    rows = NamedSharding(mesh, P('data'))
-    score = jax.jit(partial(row_losses, config=config), out_shardings=(rows, rows))
+    score = scorer(config, mesh)
     sums, counts = [], []
     for step in tqdm(range(n_steps), desc='hellaswag', disable=jax.process_index() != 0):
         batch = slice(step * per_step, (step + 1) * per_step)

@@ -115,7 +115,8 @@ def model(gpt2):
 @pytest.fixture(scope='module')
 def scores(model, examples, enc):
     config, params, mesh = model
-    return hellaswag.evaluate(params, config, examples, enc, mesh, batch_size=3)  # rows of 64 tokens
+    rows = hellaswag.process_rows(examples, enc, config.block_size)  # rows of 64 tokens
+    return hellaswag.evaluate(params, config, rows, mesh, batch_size=3)
 
 
 def env(**extra):
@@ -153,9 +154,28 @@ def test_losses_equal_transformers(scores, torch_scores):
 def test_padding_and_batch_do_not_change_the_scores(model, examples, enc, scores):
     # half the examples, in rows of 96 tokens instead of 64, 5 a step: the second step holds 1
     config, params, mesh = model
-    padded = hellaswag.evaluate(params, config, examples[:6], enc, mesh, batch_size=5, length=96)
+    rows = hellaswag.process_rows(examples[:6], enc, config.block_size, length=96)
+    padded = hellaswag.evaluate(params, config, rows, mesh, batch_size=5)
     np.testing.assert_allclose(padded['sum_loss'], scores['sum_loss'][:6], rtol=1e-6, atol=0)
     np.testing.assert_allclose(padded['mean_loss'], scores['mean_loss'][:6], rtol=1e-6, atol=0)
+
+
+def test_scoring_again_traces_nothing(model, examples, enc, scores):
+    """Training scores the same rows every hellaswag_interval: the model is traced and compiled
+    once in a run, not at every evaluation."""
+    config, params, mesh = model
+    rows = hellaswag.process_rows(examples, enc, config.block_size)  # those of scores
+    traced = []
+    def count(event, seconds, **kwargs):
+        if event == '/jax/core/compile/jaxpr_trace_duration':
+            traced.append(kwargs.get('fun_name'))
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        again = hellaswag.evaluate(params, config, rows, mesh, batch_size=3)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert 'row_losses' not in traced
+    np.testing.assert_array_equal(again['sum_loss'], scores['sum_loss'])
 
 
 def test_eval_script_on_two_devices(gpt2, data_root, torch_scores):

@@ -232,6 +232,7 @@ for split in ('train', 'val'):
                            vocab_from.get(init_from, init_from))
 if hellaswag_interval:
     checks.check_hellaswag_vocab(model_config.vocab_size, gpt2_encoding)
+    hellaswag_rows = hellaswag.process_rows(hellaswag_examples, gpt2_encoding, model_config.block_size)
 
 # optimizer
 abstract_params = param_shapes(model_config)
@@ -369,8 +370,7 @@ while True:
         t0, iters_timed = time.time(), 0  # time the training iterations only
     if hellaswag_interval and iter_num % hellaswag_interval == 0:
         # a micro-batch's rows a step: 4 rows an example, each as long as its context and ending
-        scores = hellaswag.evaluate(state.params, model_config, hellaswag_examples, gpt2_encoding, mesh,
-                                    max(1, batch_size // 4))
+        scores = hellaswag.evaluate(state.params, model_config, hellaswag_rows, mesh, max(1, batch_size // 4))
         if master_process:
             print(f"step {iter_num}: hellaswag acc_norm {scores['acc_norm']:.4f}, acc {scores['acc']:.4f} "
                   f"({scores['count']:,} examples)")
