@@ -1,6 +1,7 @@
 """Tests of jax_train_utils.py: LR schedule, weight decay mask, optimizer against torch's AdamW,
 gradient accumulation, evaluation, batches, MFU, 8 devices against 1 (replicated and FSDP)."""
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_train_utils as tu
-from jax_transformer import GPT, GPTConfig, init_params, param_paths, estimate_mfu
+from jax_transformer import GPT, GPTConfig, init_params, param_paths, param_shapes, estimate_mfu
 from conftest import REPO, cpu_devices
 
 TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=True)
@@ -96,10 +97,16 @@ def test_optimizer_matches_torch_adamw_with_clipping():
         np.testing.assert_allclose(np.array(p[k]), tp[k].detach().numpy(), atol=1e-6)
 
 
+@functools.cache
+def optimizer(grad_clip):
+    """The tests' AdamW, one object per grad_clip: a train state holds it as a static field, so that
+    the steps would compile again for a new one."""
+    return tu.configure_optimizer(param_shapes(TINY), tu.lr_schedule(1e-3, True, 2, 10, 1e-4), 0.1, 0.9, 0.95,
+                                  grad_clip)
+
+
 def make_state(grad_clip=1.0, config=TINY):
-    params = init_params(config, jax.random.key(0))
-    tx = tu.configure_optimizer(params, tu.lr_schedule(1e-3, True, 2, 10, 1e-4), 0.1, 0.9, 0.95, grad_clip)
-    return tu.create_train_state(config, params, tx)
+    return tu.create_train_state(config, init_params(config, jax.random.key(0)), optimizer(grad_clip))
 
 
 def random_batch(n, seed=0):
