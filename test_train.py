@@ -198,18 +198,19 @@ def test_same_losses_on_any_topology_and_resume_across_it(one_go, data_root, tmp
 # -----------------------------------------------------------------------------
 # the other scripts
 
-def test_torch_and_jax_examples_agree(script_env):
+def test_torch_and_jax_examples_agree(script_env, capsys):
     pytest.importorskip('torch')
     out = run_script('torch_vs_jax_examples.py', [], script_env)
     pairs = out.stdout.splitlines()
     assert len(pairs) == 11 and all(': ok, ' in line for line in pairs), out.stdout
     assert pairs[-1].startswith('topk + multinomial -> Gumbel-max: ok, both draw exactly the top 10')
     # a pair that disagrees says so on its line and fails the script
-    broken = subprocess.run([sys.executable, '-c', "import numpy as np, torch_vs_jax_examples as ex; "
-                             "ex.main([('broken', lambda: ex.close(np.zeros(2), np.ones(2))), ex.PAIRS[0]])"],
-                            cwd=REPO, capture_output=True, text=True)
-    assert broken.returncode == 1 and broken.stdout.startswith('broken: MISMATCH: Not equal to tolerance')
-    assert broken.stdout.splitlines()[1].startswith('nn.Linear -> nn.Dense (kernel = weight.T): ok')
+    import torch_vs_jax_examples as ex
+    with pytest.raises(SystemExit) as exit:
+        ex.main([('broken', lambda: ex.close(np.zeros(2), np.ones(2))), ex.PAIRS[0]])
+    said = capsys.readouterr().out
+    assert exit.value.code == 1 and said.startswith('broken: MISMATCH: Not equal to tolerance')
+    assert said.splitlines()[1].startswith('nn.Linear -> nn.Dense (kernel = weight.T): ok')
 
 
 def test_the_model_tests_run_as_a_script(script_env, tmp_path):
