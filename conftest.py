@@ -3,7 +3,7 @@ What the test files share: where the repository and the offline data are, runnin
 a user does (in a subprocess, on the CPU, offline, with a compilation cache of the test session's
 own), the model's logits, file hashes, and the test order.
 
-$ python -m pytest -q                          # the whole suite
+$ python -m pytest -q                          # the whole suite, the slowest modules first
 $ python -m pytest -q --order=reverse          # modules, and the tests of each, in reverse order
 $ python -m pytest -q --order=shuffle:7        # shuffled with seed 7
 """
@@ -148,15 +148,22 @@ def pytest_addoption(parser):
                                                   "the tests in each (the suite must pass in any)")
 
 
+# the modules that take longest first (in that order, the others after them), so that the two
+# workers of pytest-xdist, each given a module when it is nearly done with its last, end together
+SLOWEST_MODULES = ['test_robustness', 'test_train', 'test_processes', 'test_nanogpt_checkpoints', 'test_gpt2_weights',
+                   'test_jax_sampling', 'test_hellaswag', 'test_jax_train_utils', 'test_jax_transformer', 'test_data']
+
+
 def pytest_collection_modifyitems(config, items):
     order = config.getoption('--order')
-    if not order:
-        return
     modules = {}
     for item in items:  # modules stay whole, so that their fixtures are made once
         modules.setdefault(item.module.__name__, []).append(item)
     groups = list(modules.values())
-    if order == 'reverse':
+    if not order:
+        rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
+        groups.sort(key=lambda g: rank.get(g[0].module.__name__, len(rank)))
+    elif order == 'reverse':
         groups = [g[::-1] for g in groups[::-1]]
     elif order.startswith('shuffle:'):
         rng = random.Random(int(order.split(':')[1]))
