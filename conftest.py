@@ -27,14 +27,15 @@ needs_shakespeare = pytest.mark.skipif(not os.path.exists(SHAKESPEARE),
                                        reason=f"offline data not found at {SHARED} (set NANOGPT_SHARED_DATA)")
 
 # XLA compiles the tests' programs, in this process and in the scripts they run, with its backend
-# optimizations off, and where its CPU backend still has them, with its older fusion emitters
-# (a third less compile time): the same numbers, compiled in half the time (speed is
-# bench_jax.py's concern). The workers of pytest-xdist inherit the flags of the main process.
+# optimizations off and, where its CPU backend still has them, its older fusion emitters: the
+# numbers the tests check, compiled in a third of the time (speed is bench_jax.py's concern)
 FAST_COMPILE = ['--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true']
-OLD_EMITTERS = '--xla_cpu_use_fusion_emitters=false'  # a flag XLA builds after jaxlib 0.10 reject
+OLD_EMITTERS = '--xla_cpu_use_fusion_emitters=false'  # jaxlib 0.10 has it; XLA rejects it in jax 0.12
 
 
 def fast_compile_flags():
+    """XLA_FLAGS with FAST_COMPILE, and OLD_EMITTERS if this XLA accepts it (the workers of
+    pytest-xdist inherit them from the main process)."""
     flags = os.environ.get('XLA_FLAGS', '')
     if FAST_COMPILE[0] in flags:  # set by the main process
         return flags
