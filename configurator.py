@@ -24,6 +24,14 @@ def die(message, code=2):
     sys.exit(code)
 
 
+def or_die(f, *args):
+    """f(*args), or the script stopped with the one line of the ValueError it raised."""
+    try:
+        return f(*args)
+    except ValueError as e:
+        die(str(e))
+
+
 def config_keys(config_globals):
     """The names that can be overridden: the script's int/float/bool/str globals."""
     return [k for k, v in config_globals.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)]

@@ -10,7 +10,7 @@ import os
 import sys
 
 import checks
-from configurator import configure, die
+from configurator import configure, die, or_die
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # either 'resume' (from an out_dir) or a gpt2 variant (e.g. 'gpt2-xl') or a Hugging Face GPT-2 folder
@@ -47,10 +47,7 @@ tu.use_compilation_cache(compilation_cache)
 mesh = tu.make_mesh()
 
 # model: out_dir's newest checkpoint (this port's, or nanoGPT's ckpt.pt), or a GPT-2
-try:
-    _, config, params = checkpoints.load_model(init_from, out_dir, mesh, tu.resolve_dtype(dtype))
-except ValueError as e:
-    die(str(e))
+_, config, params = or_die(checkpoints.load_model, init_from, out_dir, mesh, tu.resolve_dtype(dtype))
 checks.check_hellaswag_vocab(config.vocab_size, enc)
 
 if master_process:

@@ -7,7 +7,7 @@ $ python export_hf.py --out_dir=out-shakespeare --hf_dir=hf-out
 import os
 import sys
 
-from configurator import configure, die
+from configurator import configure, die, or_die
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the checkpoint to export
@@ -26,10 +26,9 @@ from gpt2_weights import save_pretrained
 
 tu.configure_devices('cpu', 1, [])  # the weights only pass through the host
 
-try:  # this port's latest checkpoint, or nanoGPT's ckpt.pt when that is newer
-    checkpoint, config, params = checkpoints.load_params(out_dir, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-except ValueError as e:
-    die(str(e))
+# this port's latest checkpoint, or nanoGPT's ckpt.pt when that is newer
+host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+checkpoint, config, params = or_die(checkpoints.load_params, out_dir, host)
 save_pretrained(params, config, hf_dir)
 print(f"wrote iter {checkpoint['iter_num']} of {out_dir} to {hf_dir}: {config}")
 if not config.bias:

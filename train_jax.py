@@ -22,7 +22,7 @@ import subprocess
 from functools import partial
 
 import checks
-from configurator import configure, config_keys, die
+from configurator import configure, config_keys, die, or_die
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a gpt2 (124M) on OpenWebText
@@ -113,10 +113,7 @@ processes.init_distributed(join_timeout, process_timeout, out_dir)
 processes.check_same_everywhere(config, os.path.join(data_root, dataset))
 master_process = jax.process_index() == 0  # this process does logging, checkpointing etc.
 if not eval_only:  # one training run per out_dir; eval_only reads the checkpoint alone, as sampling does
-    try:
-        checkpoints.lock_out_dir(out_dir)
-    except ValueError as e:
-        die(str(e))
+    or_die(checkpoints.lock_out_dir, out_dir)
 dtype = tu.resolve_dtype(dtype)
 try:
     # one iteration is gradient_accumulation_steps x batch_size rows, however many devices share it
@@ -191,10 +188,8 @@ if init_from == 'scratch':
     params = jax.jit(init_params, static_argnums=0, out_shardings=param_sharding(model_config))(model_config, key)
 elif init_from == 'resume':
     print(f"Resuming training from {out_dir}")
-    try:  # this port's latest checkpoint, or nanoGPT's ckpt.pt when that is newer
-        checkpoint = checkpoints.newest_checkpoint(manager)
-    except ValueError as e:
-        die(str(e))
+    # this port's latest checkpoint, or nanoGPT's ckpt.pt when that is newer
+    checkpoint = or_die(checkpoints.newest_checkpoint, manager)
     checks.check_resume(checkpoint.meta, block_size, meta_vocab_size, meta_path)
     # force these config attributes to be equal otherwise we can't even resume training
     # the rest of the attributes (e.g. dropout) can stay as desired from command line
@@ -206,10 +201,7 @@ elif init_from == 'resume':
     best_val_loss = checkpoint.meta['best_val_loss']
 else:
     print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
-    try:
-        model_config, params = from_pretrained(init_from)
-    except ValueError as e:
-        die(str(e))
+    model_config, params = or_die(from_pretrained, init_from)
     print(f"overriding dropout rate to {dropout}")
     if block_size > model_config.block_size:
         die(f"block_size={block_size} is larger than the block_size {model_config.block_size} of {init_from}")
@@ -245,10 +237,7 @@ if init_from == 'resume':
         # nanoGPT's float16 loss scaling skips steps
         print(f"note: the optimizer of nanoGPT's checkpoint made {int(checkpoint.nanogpt[1][0])} steps in "
               f"{iter_num} iterations; the learning rate schedule follows its steps")
-    try:
-        state = checkpoints.restore_train_state(manager, checkpoint, abstract_state, state_sharding)
-    except ValueError as e:
-        die(str(e))
+    state = or_die(checkpoints.restore_train_state, manager, checkpoint, abstract_state, state_sharding)
     del checkpoint  # nanoGPT's weights, read on the host, are on the devices now
 else:
     # the params are donated: a second copy of gpt2-xl would cost 6 GB at start
