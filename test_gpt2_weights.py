@@ -202,35 +202,28 @@ def latest_meta(out_dir):
     return checkpoint.step, checkpoint.meta
 
 
+# fine-tuning the tiny GPT-2 on Shakespeare; eval_only with the same arguments evaluates as that run compiled
 FINETUNE = ['--dataset=shakespeare', '--device=cpu', '--eval_interval=3', '--eval_iters=2', '--batch_size=2',
             '--block_size=64', '--gradient_accumulation_steps=1', '--always_save_checkpoint=True',
             '--learning_rate=1e-3', '--decay_lr=False', '--dropout=0.1']
 
 
-@pytest.fixture(scope='module')
-def finetuned(gpt2_bpe, data_root, tmp_path_factory, script_env):
-    """6 iterations fine-tuning gpt2_bpe on Shakespeare (dropout 0.1, a cropped block size): its
-    out_dir, its arguments but init_from and max_iters, and its stdout."""
-    out = str(tmp_path_factory.mktemp('finetune'))
-    args = FINETUNE + [f'--data_root={data_root}', f'--out_dir={out}']
-    return out, args, run_script('train_jax.py', [f'--init_from={gpt2_bpe[0]}', '--max_iters=6', *args],
-                                 script_env).stdout
-
-
-def test_finetune_then_resume(gpt2_bpe, finetuned, script_env):
-    """Fine-tuning learns, and resumes from its own checkpoint."""
+def test_finetune_then_resume(gpt2_bpe, data_root, tmp_path, script_env):
+    """Fine-tuning (dropout 0.1, a cropped block size) learns, and resumes from its own checkpoint."""
     path, _ = gpt2_bpe
-    out, args, stdout = finetuned
-    assert f"Initializing from OpenAI GPT-2 weights: {path}" in stdout
-    assert "overriding dropout rate to 0.1" in stdout
-    first = losses(stdout)
-    assert sorted(first) == [0, 3, 6] and first[6][1] < first[0][1], stdout
+    out = str(tmp_path / 'out')
+    common = FINETUNE + [f'--data_root={data_root}', f'--out_dir={out}']
+    p = run_script('train_jax.py', [f'--init_from={path}', '--max_iters=6', *common], script_env)
+    assert f"Initializing from OpenAI GPT-2 weights: {path}" in p.stdout
+    assert "overriding dropout rate to 0.1" in p.stdout
+    first = losses(p.stdout)
+    assert sorted(first) == [0, 3, 6] and first[6][1] < first[0][1], p.stdout
     step, meta = latest_meta(out)
     assert step == 6
     assert meta['model_args'] == dict(n_layer=2, n_head=2, n_embd=32, block_size=64, bias=True,
                                       vocab_size=50257, dropout=0.1, gelu_approximate=True)
 
-    p = run_script('train_jax.py', ['--init_from=resume', '--max_iters=9', *args], script_env)
+    p = run_script('train_jax.py', ['--init_from=resume', '--max_iters=9', *common], script_env)
     assert f"Resuming training from {out}" in p.stdout
     assert re.findall(r"^iter (\d+):", p.stdout, re.M) == ['6', '7', '8', '9']
     resumed = losses(p.stdout)
@@ -240,13 +233,16 @@ def test_finetune_then_resume(gpt2_bpe, finetuned, script_env):
     assert step == 9 and meta['model_args']['gelu_approximate'] is True
 
 
-def test_evaluation_matches_transformers(gpt2_bpe, data_root, finetuned):
-    """The fine-tuning run's evaluation at iteration 0 (dropout off, the weights as loaded) is the
-    loss transformers' GPT2LMHeadModel gives on the same batches."""
-    _, model = gpt2_bpe
-    *_, stdout = finetuned
+def test_eval_only_matches_transformers(gpt2_bpe, data_root, tmp_path, script_env):
+    """--eval_only=True evaluates the model as loaded once, dropout off, and stops: the losses that
+    transformers' GPT2LMHeadModel gives on the same batches (FINETUNE's arguments, so that the
+    evaluation is the one the fine-tuning run compiled)."""
+    path, model = gpt2_bpe
+    p = run_script('train_jax.py', [f'--init_from={path}', '--eval_only=True', *FINETUNE, f'--data_root={data_root}',
+                                    f'--out_dir={tmp_path / "out"}'], script_env)
+    printed = losses(p.stdout)
+    assert list(printed) == [0]
     batch_size, eval_iters, block_size, seed = 2, 2, 64, 1337  # FINETUNE's, and the default seed
-    printed = losses(stdout)
     # train_jax.py's evaluation batches: the evaluation streams of iteration 0, eval_iters batches in one draw
     for i, split in enumerate(['train', 'val']):
         data_path = os.path.join(data_root, 'shakespeare', f'{split}.bin')
