@@ -40,7 +40,6 @@ stops = [s.encode('utf-8') for s in checks.stop_strings(stop)]
 if interactive and sys.stdin is None:  # started with stdin closed (<&-), not merely empty
     die("interactive=True reads the start texts from stdin, which is closed: pipe them in or type them")
 
-
 import numpy as np
 import jax
 import tiktoken

@@ -206,10 +206,10 @@ def test_torch_and_jax_examples_agree(script_env, capsys):
     assert pairs[-1].startswith('topk + multinomial -> Gumbel-max: ok, both draw exactly the top 10')
     # a pair that disagrees says so on its line and fails the script
     import torch_vs_jax_examples as ex
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as stopped:
         ex.main([('broken', lambda: ex.close(np.zeros(2), np.ones(2))), ex.PAIRS[0]])
     said = capsys.readouterr().out
-    assert exit.value.code == 1 and said.startswith('broken: MISMATCH: Not equal to tolerance')
+    assert stopped.value.code == 1 and said.startswith('broken: MISMATCH: Not equal to tolerance')
     assert said.splitlines()[1].startswith('nn.Linear -> nn.Dense (kernel = weight.T): ok')
 
 
