@@ -51,6 +51,7 @@ warmup_steps = 5  # untimed iterations of each contender first
 peak_flops = 0.0  # peak FLOP/s of one device, for MFU; 0.0: look it up (GPU/TPU) or measure it (CPU)
 profile = False  # write a jax.profiler trace of the timed steps to profile_dir, print the top ops
 profile_dir = 'bench_trace'
+profile_ops = 25  # rows of the profile's table of the most expensive ops
 compare_torch = False  # also time transformers' GPT2LMHeadModel, eager and torch.compile, interleaved
 points = ''  # 'TxB,TxB,...': time each (block_size x batch_size) point, each contender in a process of its own
 rounds = 2  # with points or sample: the timed runs of each contender (at each point), alternated with the others'
@@ -344,7 +345,7 @@ def bench_training():
                                                 if compiled_bytes else ""))
     if profile:
         print(f"trace written to {profile_dir} (TensorBoard or ui.perfetto.dev); top XLA ops over the timed steps:")
-        for name, ms in top_ops(profile_dir, step_text):
+        for name, ms in top_ops(profile_dir, step_text, profile_ops):
             print(f"{ms:8.3f} ms  {name}")
     if only:  # for bench_points, which runs each contender alone
         dt = float(np.median(times[only]))
