@@ -123,13 +123,14 @@ if 'jax' in contenders or sample:
     from jax_sampling import generate, generate_stream, sample_token
 
     tu.configure_devices(device, 1 if sample else cpu_devices, [(gradient_accumulation_steps, batch_size)])
+    mesh = tu.make_mesh()
+    device_type = tu.mesh_platform(mesh)
     try:
-        dtype = tu.resolve_dtype(dtype)
+        dtype = tu.resolve_dtype(dtype, device_type)
         layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count(),  # as train_jax.py
-                                 shared_memory=jax.default_backend() == 'cpu')
+                                 shared_memory=device_type == 'cpu')
     except ValueError as e:
         die(str(e))
-    device_type = jax.default_backend()
 else:  # PyTorch alone: JAX is not even imported, so that the memory is PyTorch's
     import torch
     device_type = 'cuda' if device != 'cpu' and torch.cuda.is_available() else 'cpu'
@@ -141,15 +142,10 @@ if real_data and not os.path.exists(os.path.join(data_dir, 'train.bin')):
     real_data = False
 else:
     print(f"data: {f'real text, {data_dir}/train.bin' if real_data else 'random tokens (--real_data=False)'}")
-if vocab_size == 0:
-    meta_path = os.path.join(data_dir, 'meta.pkl')
-    vocab_size = 50304
-    if os.path.exists(meta_path):
-        vocab_size = checks.read_meta(meta_path, ['vocab_size'])['vocab_size']
+vocab_size = vocab_size or checks.dataset_vocab_size(data_dir) or 50304
 if 'jax' in contenders or sample:
-    config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                       n_embd=n_embd, dropout=dropout, bias=bias, dtype=dtype, remat=remat, attention=attention)
-    mesh = tu.make_mesh()
+    config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                       dropout=dropout, bias=bias, dtype=dtype, remat=remat, attention=attention, platform=device_type)
     devices = jax.devices()
     print(f"{len(devices)} x {devices[0].device_kind}, ", end='')
 print(f"compute dtype {dtype}, {n_layer} layers, {n_head} heads, n_embd {n_embd}, vocab {vocab_size}, " +

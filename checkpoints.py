@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 
 from gpt2_weights import from_pretrained
 from jax_transformer import GPTConfig, param_shapes
-from jax_train_utils import AdamWState
+from jax_train_utils import AdamWState, mesh_platform, resolve_dtype, with_sharding
 from processes import max_over_processes
 from nanogpt_checkpoints import NANOGPT_CHECKPOINT, read_nanogpt_checkpoint
 
@@ -193,11 +193,6 @@ def newest_checkpoint(manager, with_optimizer=True, nanogpt=True):
     return Checkpoint(meta, step, None)
 
 
-def with_sharding(abstract, sharding):
-    """abstract (a tree of shapes and dtypes) with each leaf placed by the matching leaf of sharding."""
-    return jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), abstract, sharding)
-
-
 def restore_params(manager, checkpoint, sharding):
     """The params of checkpoint (see newest_checkpoint), each array placed by sharding."""
     if checkpoint.nanogpt is not None:
@@ -234,7 +229,7 @@ def load_params(out_dir, sharding):
 
 def load_model(init_from, out_dir, mesh, dtype):
     """(metadata, GPTConfig, params on every device of mesh) of the model that sampling or an
-    evaluation runs, without dropout, computing in dtype: out_dir's newest checkpoint when init_from
+    evaluation runs, without dropout, computing in dtype ('auto' as resolve_dtype takes it): out_dir's newest checkpoint when init_from
     is 'resume' (see load_params), else one of OpenAI's GPT-2 or a Hugging Face GPT-2 folder (see
     gpt2_weights.from_pretrained), whose metadata is None. ValueError with a one-line message when
     there is no such model."""
@@ -244,7 +239,8 @@ def load_model(init_from, out_dir, mesh, dtype):
     else:
         meta, (config, params) = None, from_pretrained(init_from)
         params = jax.device_put(params, replicated)
-    return meta, dataclasses.replace(config, dropout=0.0, dtype=dtype), params
+    platform = mesh_platform(mesh)
+    return meta, dataclasses.replace(config, dropout=0.0, dtype=resolve_dtype(dtype, platform), platform=platform), params
 
 
 # -----------------------------------------------------------------------------

@@ -149,6 +149,12 @@ def read_meta(path, keys):
     return meta
 
 
+def dataset_vocab_size(data_dir):
+    """The vocab_size of a dataset's meta.pkl (a character-level dataset), None when it has none."""
+    meta_path = os.path.join(data_dir, 'meta.pkl')
+    return read_meta(meta_path, ['vocab_size'])['vocab_size'] if os.path.exists(meta_path) else None
+
+
 def is_hellaswag_example(example):
     """Whether example, read from JSON, is a HellaSwag example as the original files hold them: an
     object with a string ctx, 4 string endings and a label from 0 to 3."""

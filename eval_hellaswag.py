@@ -47,7 +47,7 @@ tu.use_compilation_cache(compilation_cache)
 mesh = tu.make_mesh()
 
 # model: out_dir's newest checkpoint (this port's, or nanoGPT's ckpt.pt), or a GPT-2
-_, config, params = or_die(checkpoints.load_model, init_from, out_dir, mesh, tu.resolve_dtype(dtype))
+_, config, params = or_die(checkpoints.load_model, init_from, out_dir, mesh, dtype)
 checks.check_hellaswag_vocab(config.vocab_size, enc)
 
 if master_process:

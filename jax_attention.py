@@ -234,31 +234,32 @@ def blockwise_attention(q, k, v, dropout_rate=0.0, dropout_key=None, block_q=128
     return y[:, :, :T].transpose(1, 0, 2, 3).reshape(B, nh, T, hs).transpose(0, 2, 1, 3)  # (B, T, nh, hs)
 
 
-def attention(q, k, v, dropout_rate=0.0, dropout_key=None, implementation='auto'):
+def attention(q, k, v, dropout_rate, dropout_key, implementation, platform):
     """Causal self-attention (Tk == T, no cache) by implementation 'dense', 'blockwise', 'cudnn' or
-    'auto'. Dropout when dropout_key is given and the rate is not 0. cuDNN runs on NVIDIA GPUs only,
-    in bfloat16 or float16, without dropout. 'auto' takes cuDNN where it runs; else on a CPU,
-    blockwise from T = 64 once the B * nh * T * T scores outgrow 2^19 floats (2 MiB, the L2 cache
-    of the AMD EPYC measured), and dense below, where it measured faster (docs/performance.md);
-    on GPUs and TPUs, whose speed with blockwise's small tiles is not measured, dense as long as
-    a layer's float32 scores stay under 1 GiB, and blockwise beyond, where dense memory grows
-    with T * T."""
+    'auto', compiled for devices of platform ('cpu', 'gpu' or 'tpu'). Dropout when dropout_key is
+    not None and the rate is not 0. cuDNN runs on NVIDIA GPUs only, in bfloat16 or float16, without
+    dropout. 'auto' takes cuDNN where it runs; else on a CPU, blockwise from T = 64 once the
+    B * nh * T * T scores outgrow 2^19 floats (2 MiB, the L2 cache of the AMD EPYC measured), and
+    dense below, where it measured faster (docs/performance.md); on GPUs and TPUs, whose speed with
+    blockwise's small tiles is not measured, dense as long as a layer's float32 scores stay under
+    1 GiB, and blockwise beyond, where dense memory grows with T * T."""
     B, T, nh, _ = q.shape
     dropout = dropout_key is not None and dropout_rate > 0.0
-    cudnn_runs = jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) and not dropout
+    cudnn_runs = platform == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) and not dropout
     if implementation == 'auto':
         if cudnn_runs:
             implementation = 'cudnn'
-        elif jax.default_backend() == 'cpu':
+        elif platform == 'cpu':
             implementation = 'blockwise' if T >= 64 and B * nh * T * T > 2 ** 19 else 'dense'
         else:
             implementation = 'blockwise' if 4 * B * nh * T * T > 2 ** 30 else 'dense'
-    if implementation == 'dense':
-        return dense_attention(q, k, v, 0, dropout_rate, dropout_key)
-    if implementation == 'blockwise':
-        return blockwise_attention(q, k, v, dropout_rate, dropout_key)
-    if implementation == 'cudnn':
-        if not cudnn_runs:
-            raise ValueError("cudnn attention needs an NVIDIA GPU, bfloat16 or float16 and no dropout")
+    if implementation not in ('dense', 'blockwise', 'cudnn'):
+        raise ValueError(f"attention implementation {implementation!r}: not 'auto', 'dense', 'blockwise' or 'cudnn'")
+    if implementation == 'cudnn' and not cudnn_runs:
+        raise ValueError("cudnn attention needs an NVIDIA GPU, bfloat16 or float16 and no dropout")
+    with jax.named_scope(f'{implementation}_attention'):  # names the choice in the compiled program
+        if implementation == 'dense':
+            return dense_attention(q, k, v, 0, dropout_rate, dropout_key)
+        if implementation == 'blockwise':
+            return blockwise_attention(q, k, v, dropout_rate, dropout_key)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
-    raise ValueError(f"attention implementation {implementation!r}: not 'auto', 'dense', 'blockwise' or 'cudnn'")

@@ -7,7 +7,7 @@ The training machinery of train_jax.py (and bench_jax.py):
 - the jitted steps: evaluation, and the train step (all micro-steps, the gradient mean over the
   devices, clipping and the update in one call);
 - sharding of the train state (replicated, or FSDP);
-- faults: divergence, out of memory.
+- faults: divergence.
 """
 
 import collections
@@ -16,7 +16,6 @@ import functools
 import itertools
 import math
 import os
-import re
 from typing import NamedTuple
 
 import numpy as np
@@ -27,39 +26,33 @@ from flax.training import train_state
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import accelerators
 from jax_transformer import GPT
 
 # -----------------------------------------------------------------------------
 # devices
 
-# Dense bfloat16 peak FLOP/s of one device, matched against jax's device_kind (lower case).
 # CPU: a rough figure per core for large float32 matrix products; pass --peak_flops for your machine
-# (bench_jax.py measures it).
-PEAK_FLOPS = [
-    ('h200', 989e12), ('h100 pcie', 756e12), ('h100', 989e12), ('gh200', 989e12),
-    ('a100', 312e12), ('a10g', 70e12), ('l40s', 362e12), ('l4', 121e12),
-    ('rtx 4090', 165e12), ('rtx 3090', 71e12), ('v100', 125e12), ('t4', 65e12),
-    ('tpu v6', 918e12), ('tpu v5p', 459e12), ('tpu v5 lite', 197e12), ('tpu v5e', 197e12),
-    ('tpu v4', 275e12), ('tpu v3', 123e12), ('tpu v2', 45e12),
-]
+# (bench_jax.py measures it). GPUs and TPUs: accelerators.py's table.
 CPU_PEAK_FLOPS_PER_CORE = 100e9
 
 
 def device_peak_flops(device):
-    """Peak FLOP/s of one jax device, from PEAK_FLOPS; None when the device is unknown."""
+    """Peak FLOP/s of one jax device; None when the device is unknown."""
     if device.platform == 'cpu':
         return CPU_PEAK_FLOPS_PER_CORE * (os.cpu_count() or 1) / jax.local_device_count()
-    kind = device.device_kind.lower()
-    return next((flops for name, flops in PEAK_FLOPS if name in kind), None)
+    return accelerators.peak_flops(device.device_kind)
 
 
 def configure_devices(device, cpu_devices, batches):
     """Call before anything touches a device. device 'cpu' forces the CPU; any other value
-    ('cuda', 'tpu', ...) leaves JAX its default backend: the GPUs/TPUs when present, else the CPU.
+    ('cuda', 'tpu', ...) leaves JAX its default backend: the GPUs/TPUs when present, else the CPU
+    (which JAX_PLATFORMS, when set, chooses).
     On CPU the cores become cpu_devices JAX devices sharing the batch, which is faster than one
     device on all cores; 0 picks the most devices, up to one per core, over which every
     (n_batches, batch_size) of batches splits (see batch_layout). A count set in XLA_FLAGS wins."""
-    if device == 'cpu':
+    if device == 'cpu' or ('JAX_PLATFORMS' not in os.environ and accelerators.attached() is None):
+        # the CPU; with none attached, jax need not try the GPU and TPU packages installed (and print pages)
         jax.config.update('jax_platforms', 'cpu')
     if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
         if cpu_devices == 0:
@@ -81,10 +74,18 @@ def use_compilation_cache(cache_dir):
         jax.config.update('jax_compilation_cache_max_size', 2 ** 31)
 
 
-def make_mesh():
-    """A 1-D mesh named 'data' over every device of every process. Auto axes let XLA propagate
-    shardings (an embedding gather on a batch-sharded input needs no annotations)."""
-    return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(devices=None):
+    """A 1-D mesh named 'data' over devices, by default every device of every process. Auto axes
+    let XLA propagate shardings (an embedding gather on a batch-sharded input needs no annotations)."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), ('data',), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def mesh_platform(mesh):
+    """The platform of the mesh's devices, 'cpu', 'gpu' or 'tpu': what the programs are compiled for,
+    which every choice that depends on the hardware follows (not JAX's default backend, which is the
+    CPU when compile_jax.py compiles for devices that are not there)."""
+    return mesh.devices.flat[0].platform
 
 
 def batch_layout(n_batches, batch_size, n_devices, name='gradient_accumulation_steps', shared_memory=False):
@@ -107,11 +108,11 @@ def batch_layout(n_batches, batch_size, n_devices, name='gradient_accumulation_s
                      f"or --batch_size={round_up(batch_size)})")
 
 
-def resolve_dtype(dtype):
-    """The compute dtype name (one checks.check_dtype lets through): 'auto' is bfloat16 on GPU/TPU
-    and float32 on CPU."""
+def resolve_dtype(dtype, platform):
+    """The compute dtype name (one checks.check_dtype lets through) on devices of platform: 'auto'
+    is bfloat16 on GPU/TPU and float32 on CPU."""
     if dtype == 'auto':
-        return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+        return 'float32' if platform == 'cpu' else 'bfloat16'
     return dtype
 
 
@@ -315,13 +316,26 @@ def _train_step(state, x, y, dropout_key, mesh=None):
     return state.apply_gradients(grads=grads), loss
 
 
+def lowered_steps(state, state_sharding, mesh, fsdp, block_size, eval_layout, train_layout=None, dropout_key=None):
+    """The programs of a training run, lowered for the devices of mesh, which need not be at hand
+    (state and dropout_key may be shapes, jax.ShapeDtypeStruct): {'evaluation': eval_loss on
+    batches of eval_layout, 'the training step': make_train_step's on batches of train_layout,
+    when given}. What train_jax.py runs is what compile_jax.py measures."""
+    batches = lambda layout: [batch_spec(mesh, layout, block_size)] * 2
+    lowered = {'evaluation': eval_loss.lower(state, *batches(eval_layout))}
+    if train_layout is not None:
+        step = make_train_step(state_sharding, mesh, fsdp)
+        lowered['the training step'] = step.lower(state, *batches(train_layout), dropout_key)
+    return lowered
+
+
 def make_train_step(state_sharding=None, mesh=None, fsdp=False):
     """The jitted train step. It donates the train state and returns the new one placed by
     state_sharding (a tree of shardings shaped like the state, see state_sharding; None lets XLA
     choose, which keeps a replicated state replicated). Given the mesh, on CPU devices and without
     fsdp, the gradients are averaged in one flat all-reduce (flat_all_reduce_grads); elsewhere XLA
     places its own all-reduces, which GPUs and TPUs overlap with the backward pass."""
-    flat = mesh is not None and not fsdp and jax.default_backend() == 'cpu'
+    flat = mesh is not None and not fsdp and mesh_platform(mesh) == 'cpu'
     step = functools.partial(_train_step, mesh=mesh if flat else None)
     return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, None))
 
@@ -347,6 +361,11 @@ def state_sharding(mesh, abstract_state, fsdp, fsdp_min_size):
     return jax.tree.map(place, abstract_state)
 
 
+def with_sharding(abstract, sharding):
+    """abstract (a tree of shapes and dtypes) with each leaf placed by the matching leaf of sharding."""
+    return jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), abstract, sharding)
+
+
 def bytes_per_device(abstract_state, sharding):
     """The bytes one device holds of the arrays of abstract_state placed by sharding (a tree of
     shardings shaped like it)."""
@@ -355,83 +374,9 @@ def bytes_per_device(abstract_state, sharding):
 
 
 # -----------------------------------------------------------------------------
-# faults: divergence, out of memory
+# faults: divergence (out of memory: memory.py)
 
 @jax.jit
 def all_finite(tree):
     """Whether every number in the arrays of tree is finite: neither NaN nor infinite."""
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
-
-
-def memory_advice(where, remat, fsdp, attention, n_devices, resuming):
-    """What to try when where ('the training step' or 'evaluation') needs more memory than the
-    devices have, among what the run does not do yet: remat helps the training step's backward
-    pass alone, fsdp needs several devices, a resumed run keeps its checkpoint's block_size."""
-    tries = ["a smaller --batch_size with more --gradient_accumulation_steps (the same tokens per iteration)"]
-    if not remat and where == 'the training step':
-        tries.append("--remat=True")
-    if attention != 'blockwise':
-        tries.append("--attention=blockwise")
-    if not fsdp and n_devices > 1:
-        tries.append("--fsdp=True")
-    if not resuming:
-        tries.append("a shorter --block_size")
-    return ', or '.join(tries)
-
-
-def size(n):
-    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
-
-
-def out_of_memory_message(error, where, state_bytes, advice):
-    """The one line for XLA's out of memory error in where, 'the training step' or 'evaluation':
-    what XLA was allocating, the bytes of params and optimizer state on each device (state_bytes),
-    and what to try (see memory_advice)."""
-    allocating = re.search(r'allocat\w* (\d+) bytes', str(error))
-    what = f"allocating {size(int(allocating[1]))}" if allocating else str(error).strip().splitlines()[0].split('. ')[0]
-    return (f"out of memory in {where} ({what}, with {size(state_bytes)} of params and optimizer state per "
-            f"device): try {advice}")
-
-
-def free_memory(device):
-    """Bytes a device may still allocate, None where that is unknown: what a GPU or TPU has free; on
-    the CPU, the machine's available memory (within the process's address space limit), shared by
-    all the process's CPU devices."""
-    if device.platform != 'cpu':
-        stats = device.memory_stats() or {}
-        return stats['bytes_limit'] - stats.get('bytes_in_use', 0) if 'bytes_limit' in stats else None
-    try:
-        with open('/proc/meminfo') as f:
-            free = 1024 * next(int(line.split()[1]) for line in f if line.startswith('MemAvailable:'))
-        with open('/proc/self/statm') as f:
-            in_use = int(f.read().split()[0]) * os.sysconf('SC_PAGE_SIZE')  # the address space this process holds
-    except (OSError, StopIteration, ValueError):  # not Linux
-        return None
-    import resource  # Unix only
-    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-    if limit != resource.RLIM_INFINITY:
-        free = min(free, limit - in_use)
-    return free // jax.local_device_count()
-
-
-def memory_shortage(compiled, where, resident_bytes, advice):
-    """The one line saying that the compiled program of where ('the training step', 'evaluation'
-    or 'sampling') cannot fit in the devices' free memory, before it runs, and what to try (see
-    memory_advice); None when it fits, or either figure is unknown. It allocates its inputs and
-    temporaries, and its outputs that do not reuse a donated input, all but resident_bytes of its
-    inputs being on the devices already."""
-    stats, device = compiled.memory_analysis(), jax.local_devices()[0]
-    free = free_memory(device)
-    if stats is None or free is None:
-        return None
-    need = (stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
-            - stats.alias_size_in_bytes - resident_bytes)
-    if need <= free:
-        return None
-    n = jax.local_device_count()
-    if device.platform == 'cpu':
-        needs = f"{size(n * need)} of memory" + (f" ({n} CPU devices x {size(need)})" if n > 1 else "")
-        has = f"the {size(n * free)} available"
-    else:
-        needs, has = f"{size(need)} on each device", f"the {size(free)} free on a {device.device_kind}"
-    return f"{where} needs {needs}, more than {has}: try {advice}"

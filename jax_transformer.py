@@ -32,11 +32,19 @@ class GPTConfig:
     dtype: str = 'float32'  # compute dtype; parameters are always float32
     remat: bool = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
     attention: str = 'auto'  # 'auto', 'dense', 'blockwise' or 'cudnn': see jax_attention.attention
+    platform: str = ''  # the devices it is compiled for, 'cpu', 'gpu' or 'tpu' (see platform); '' JAX's default backend
 
 
 # the fields of GPTConfig that the weights were trained with: a resumed or fine-tuned run takes them
-# from its checkpoint; the others (dropout, dtype, remat, attention) are the run's own choice
+# from its checkpoint; the others (dropout, dtype, remat, attention, platform) are the run's own choice
 ARCHITECTURE_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'gelu_approximate')
+
+
+def platform(config):
+    """The platform of the devices the model is compiled for, which may not be the devices at hand
+    (compile_jax.py compiles for GPUs and TPUs that are not there): the scripts set config.platform
+    from their mesh; where it is not set, JAX's default backend."""
+    return config.platform or jax.default_backend()
 
 
 @jax.custom_vjp
@@ -70,7 +78,7 @@ def cpu_dot_general(x, w, dimension_numbers, precision=None, preferred_element_t
 
 def dense(config, features, name, std=0.02):
     # GPUs and TPUs take any transposed operand at full speed: only the CPU needs cpu_matmul
-    dot_general = cpu_dot_general if jax.default_backend() == 'cpu' else None
+    dot_general = cpu_dot_general if platform(config) == 'cpu' else None
     return nn.Dense(features, use_bias=config.bias, dtype=jnp.dtype(config.dtype), param_dtype=jnp.float32,
                     dot_general=dot_general,
                     kernel_init=nn.initializers.normal(stddev=std),
@@ -114,10 +122,10 @@ def sorted_take(table, ids):
     return x.reshape(*ids.shape, table.shape[-1])
 
 
-def take_tokens(table, ids):
+def take_tokens(table, ids, platform):
     """The token embeddings table[ids]: sorted_take on GPUs. A CPU adds up the plain take's
     gradient quickly and would only pay for the sorts."""
-    return sorted_take(table, ids) if jax.default_backend() == 'gpu' else jnp.take(table, ids, axis=0)
+    return sorted_take(table, ids) if platform == 'gpu' else jnp.take(table, ids, axis=0)
 
 
 class CausalSelfAttention(nn.Module):
@@ -141,7 +149,7 @@ class CausalSelfAttention(nn.Module):
             y = dense_attention(q, k, v, q_offset=start)  # (B, T, nh, hs), the queries after the cache
         else:
             dropout_key = None if deterministic or cfg.dropout == 0.0 else self.make_rng('dropout')
-            y = attention(q, k, v, cfg.dropout, dropout_key, cfg.attention)  # (B, T, nh, hs)
+            y = attention(q, k, v, cfg.dropout, dropout_key, cfg.attention, platform(cfg))  # (B, T, nh, hs)
         y = y.reshape(B, T, C)  # re-assemble all head outputs
         y = dense(cfg, C, 'c_proj', std=residual_std(cfg))(y)
         return Dropout(cfg.dropout)(y, deterministic)
@@ -205,7 +213,7 @@ class GPT(nn.Module):
         wte = embed(cfg.vocab_size, cfg.n_embd, name='wte')
         wpe = embed(cfg.block_size, cfg.n_embd, name='wpe')
         # the lookup in float32 then cast, as nn.Embed's cast then lookup: the gradient sums in float32
-        tok_emb = take_tokens(wte.embedding, idx).astype(cfg.dtype)  # (B, T, C)
+        tok_emb = take_tokens(wte.embedding, idx, platform(cfg)).astype(cfg.dtype)  # (B, T, C)
         x = tok_emb + wpe(start + jnp.arange(T))  # (B, T, C)
         x = Dropout(cfg.dropout)(x, deterministic)
         # static_argnums counts self: deterministic, decode are Python bools

@@ -25,7 +25,6 @@ run and its abort is caught to print the line above instead.
 """
 
 import ctypes
-import importlib.util
 import itertools
 import json
 import os
@@ -40,6 +39,8 @@ import jax
 import jaxlib.utils
 from jax._src import distributed  # the coordination service's client: its key-value store
 from jax.experimental import multihost_utils
+
+import accelerators
 
 
 KEYS = 'nanogpt_jax/'  # this program's entries in the coordination service's key-value store
@@ -76,8 +77,8 @@ def fail(message, code):
 def init_distributed(join_timeout, process_timeout, out_dir):
     """Join the other processes of a multi-host run, when there is one, then watch them (see
     watch). Set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
-    JAX_PROCESS_ID on every host, or run under SLURM, Open MPI or a Cloud TPU VM (libtpu
-    installed), whose settings jax finds itself. Processes that have not all joined within
+    JAX_PROCESS_ID on every host, or run under SLURM, Open MPI or on a Cloud TPU VM (TPU chips
+    attached, not merely libtpu installed), whose settings jax finds itself. Processes that have not all joined within
     join_timeout seconds stop with one line each (join_failed), exit code 2."""
     env = os.environ
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # used by the CPU backend alone
@@ -85,7 +86,7 @@ def init_distributed(join_timeout, process_timeout, out_dir):
         me = dict(coordinator=env.get('JAX_COORDINATOR_ADDRESS'), processes=int(env['JAX_NUM_PROCESSES']),
                   process=int(env['JAX_PROCESS_ID']))
     elif int(env.get('SLURM_NTASKS', 1)) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', 1)) > 1 \
-            or importlib.util.find_spec('libtpu') is not None:
+            or (accelerators.attached() == 'tpu' and jax.config.jax_platforms != 'cpu'):
         me = None
     else:
         return

@@ -47,6 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import checkpoints
 import jax_train_utils as tu
+import memory
 from jax_sampling import compiled_generation, generate_stream, printable_end, prompt_buffer, stop_tables
 
 tu.configure_devices(device, cpu_devices, [(1, num_samples)])
@@ -54,7 +55,7 @@ tu.use_compilation_cache(compilation_cache)
 mesh = tu.make_mesh()
 
 # model: out_dir's newest checkpoint (this port's, or nanoGPT's ckpt.pt), or a given GPT-2 model
-checkpoint, config, params = or_die(checkpoints.load_model, init_from, out_dir, mesh, tu.resolve_dtype(dtype))
+checkpoint, config, params = or_die(checkpoints.load_model, init_from, out_dir, mesh, dtype)
 
 # look for the meta pickle in case it is available in the dataset folder
 load_meta = False
@@ -97,7 +98,7 @@ def check_memory(prompt, length):
     params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))  # on every device already
     for program in compiled_generation(params, config, prompt, length, max_new_tokens, temperature, top_k, top_p,
                                        stop_table):
-        shortage = tu.memory_shortage(program, 'sampling', params_bytes, "fewer --num_samples at a time")
+        shortage = memory.memory_shortage(program, 'sampling', params_bytes, "fewer --num_samples at a time")
         if shortage:
             die(shortage, code=1)
     fits.add(prompt.shape)

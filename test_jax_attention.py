@@ -156,7 +156,7 @@ def chosen(monkeypatch):
 ])
 def test_auto_on_cpu_follows_the_rule(chosen, B, T, rate, want):
     q = jnp.zeros((B, T, 4, 1))  # the rule looks at shapes only
-    attention(q, q, q, rate, jax.random.key(0))
+    attention(q, q, q, rate, jax.random.key(0), 'auto', 'cpu')
     assert chosen == [want]
 
 
@@ -165,21 +165,20 @@ def test_auto_on_cpu_follows_the_rule(chosen, B, T, rate, want):
     (jnp.bfloat16, 0.2, 8, 'dense'), (jnp.float32, 0.0, 8, 'dense'),
     (jnp.bfloat16, 0.2, 128, 'blockwise'), (jnp.float32, 0.0, 128, 'blockwise'),  # a layer's scores: 2 GiB
 ])
-def test_auto_on_gpu_takes_cudnn_where_it_runs(chosen, monkeypatch, dtype, rate, B, want):
+def test_auto_on_gpu_takes_cudnn_where_it_runs(chosen, dtype, rate, B, want):
     """Elsewhere dense, until a layer's float32 scores (B, nh, T, T) outgrow 1 GiB."""
-    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
     q = jnp.zeros((B, 1024, 4, 1), dtype)
-    attention(q, q, q, rate, jax.random.key(0))
-    attention(q, q, q, rate, None)  # no key: no dropout
+    attention(q, q, q, rate, jax.random.key(0), 'auto', 'gpu')
+    attention(q, q, q, rate, None, 'auto', 'gpu')  # no key: no dropout
     assert chosen == [want, 'cudnn' if dtype != jnp.float32 else want]
 
 
 def test_forced_choices(chosen):
     q = jnp.zeros((2, 16, 4, 8))
-    attention(q, q, q, 0.2, jax.random.key(0), implementation='blockwise')
-    attention(q, q, q, implementation='dense')
+    attention(q, q, q, 0.2, jax.random.key(0), 'blockwise', 'cpu')
+    attention(q, q, q, 0.0, None, 'dense', 'gpu')
     assert chosen == ['blockwise', 'dense']
     with pytest.raises(ValueError, match='cudnn'):  # not on a CPU
-        attention(q.astype(jnp.bfloat16), q, q, implementation='cudnn')
+        attention(q.astype(jnp.bfloat16), q, q, 0.0, None, 'cudnn', 'cpu')
     with pytest.raises(ValueError, match='flash'):
-        attention(q, q, q, implementation='flash')
+        attention(q, q, q, 0.0, None, 'flash', 'cpu')

@@ -13,7 +13,6 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-import jax_transformer
 from jax_transformer import (GPT, GPTConfig, Dropout, init_params, count_params, crop_block_size, param_paths,
                              flops_per_token, cpu_matmul, dropout_mask, sorted_take)
 
@@ -54,11 +53,12 @@ def hf_and_params():
     return hf, params_from_hf(state_dict.__getitem__, TINY)
 
 
-@pytest.mark.parametrize('take_tokens', ['take_tokens', 'sorted_take'])  # the CPU's lookup, and the GPU's
-def test_logits_loss_and_gradients_match_hugging_face(hf_and_params, take_tokens, monkeypatch):
+# the model as compiled for a CPU (cpu_matmul, plain take) and for a GPU (sorted_take), here on the CPU
+@pytest.mark.parametrize('platform', ['cpu', 'gpu'])
+def test_logits_loss_and_gradients_match_hugging_face(hf_and_params, platform):
     import torch
     from gpt2_weights import hf_name
-    monkeypatch.setattr(jax_transformer, 'take_tokens', getattr(jax_transformer, take_tokens))
+    config = dataclasses.replace(TINY, platform=platform)
     hf, params = hf_and_params
     rng = np.random.default_rng(0)
     idx = rng.integers(0, TINY.vocab_size, (3, TINY.block_size))
@@ -66,7 +66,7 @@ def test_logits_loss_and_gradients_match_hugging_face(hf_and_params, take_tokens
     targets[0, :7] = -1  # ignored positions
 
     def loss_fn(p):
-        logits, loss = GPT(TINY).apply({'params': p}, jnp.array(idx), jnp.array(targets))
+        logits, loss = GPT(config).apply({'params': p}, jnp.array(idx), jnp.array(targets))
         return loss, logits
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
 

@@ -97,6 +97,7 @@ from jax.experimental import multihost_utils
 import checkpoints
 import hellaswag
 import jax_train_utils as tu
+import memory
 import processes
 from gpt2_weights import GPT2_MODELS, from_pretrained
 from jax_transformer import (GPTConfig, ARCHITECTURE_KEYS, init_params, param_shapes, count_params,
@@ -114,10 +115,12 @@ processes.check_same_everywhere(config, os.path.join(data_root, dataset))
 master_process = jax.process_index() == 0  # this process does logging, checkpointing etc.
 if not eval_only:  # one training run per out_dir; eval_only reads the checkpoint alone, as sampling does
     or_die(checkpoints.lock_out_dir, out_dir)
-dtype = tu.resolve_dtype(dtype)
+mesh = tu.make_mesh()
+platform = tu.mesh_platform(mesh)  # what the programs are compiled for
+dtype = tu.resolve_dtype(dtype, platform)
 try:
     # one iteration is gradient_accumulation_steps x batch_size rows, however many devices share it
-    cpu = jax.default_backend() == 'cpu'  # its devices share the machine's memory
+    cpu = platform == 'cpu'  # its devices share the machine's memory
     train_layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count(), shared_memory=cpu)
     eval_layout = tu.batch_layout(eval_iters, batch_size, jax.device_count(), name='eval_iters', shared_memory=cpu)
 except ValueError as e:
@@ -129,9 +132,8 @@ if master_process:
           f"{train_layout[0]} micro-step(s) of {train_layout[1] // len(devices)} rows per device, "
           f"compute dtype {dtype}{', FSDP' if fsdp else ''}")
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
-mesh = tu.make_mesh()
 # XLA's CPU collectives can deadlock with several steps queued on several CPU devices: keep one in flight
-one_step_in_flight = jax.default_backend() == 'cpu' and len(devices) > 1
+one_step_in_flight = cpu and len(devices) > 1
 
 # data: prepare the small datasets on first use
 data_dir = os.path.join(data_root, dataset)
@@ -215,7 +217,8 @@ if block_size < model_config.block_size:
     params, model_config = crop_block_size(params, model_config, block_size)
     model_args['block_size'] = block_size  # so that the checkpoint will have the right value
 # how this run computes, which is not in the checkpoint
-model_config = dataclasses.replace(model_config, dropout=dropout, dtype=dtype, remat=remat, attention=attention)
+model_config = dataclasses.replace(model_config, dropout=dropout, dtype=dtype, remat=remat, attention=attention,
+                                   platform=platform)
 
 # every token of the data must be in the model's vocabulary
 vocab_from = {'scratch': meta_path if meta_vocab_size else "GPT-2's, padded", 'resume': "the checkpoint's"}
@@ -243,7 +246,6 @@ else:
     # the params are donated: a second copy of gpt2-xl would cost 6 GB at start
     state = jax.jit(tu.create_train_state, static_argnums=(0, 2), out_shardings=state_sharding,
                     donate_argnums=1)(model_config, params, tx)
-train_step = tu.make_train_step(state_sharding, mesh, fsdp)
 state_bytes = tu.bytes_per_device(abstract_state, state_sharding)
 if master_process:
     print(f"params and optimizer state: {state_bytes / 2**20:,.1f} MiB per device")
@@ -254,26 +256,36 @@ if peak_flops == 0.0:
 dropout_key = jax.random.fold_in(key, 1)
 
 # compile the steps now: a run that cannot fit in the devices' memory stops before any work
-memory_advice = lambda where: tu.memory_advice(where, remat, fsdp, attention, len(devices), init_from == 'resume')
+memory_advice = lambda where: memory.memory_advice(where, remat, fsdp, attention, len(devices), init_from == 'resume')
+
+
+def out_of_memory(error, where):
+    """Stop with what to change when the devices ran out of memory; any other error goes on up."""
+    if 'RESOURCE_EXHAUSTED' not in str(error):
+        raise error
+    die(memory.out_of_memory_message(error, where, state_bytes, memory_advice(where)), code=1)
 
 
 def compile_to_fit(where, lowered):
     """The compiled program of where; the run stops if it cannot fit in the devices' memory."""
-    program = lowered.compile()
-    shortage = tu.memory_shortage(program, where, state_bytes, memory_advice(where))
+    try:
+        program = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # a TPU's compiler refuses a program too big for its memory
+        out_of_memory(e, where)
+    shortage = memory.memory_shortage(program, where, state_bytes, memory_advice(where))
     if processes.max_over_processes(int(shortage is not None)):  # all processes stop, not one
         die(shortage or f"{where} does not fit in the memory of another process's devices: see its error", code=1)
     return program
 
 
 try:
-    eval_step = compile_to_fit('evaluation', tu.eval_loss.lower(
-        state, *[tu.batch_spec(mesh, eval_layout, block_size)] * 2))
-    if not eval_only:
-        train_step = compile_to_fit('the training step', train_step.lower(
-            state, *[tu.batch_spec(mesh, train_layout, block_size)] * 2, dropout_key))
+    lowered = tu.lowered_steps(state, state_sharding, mesh, fsdp, block_size, eval_layout,
+                               None if eval_only else train_layout, dropout_key)
 except ValueError as e:  # an attention that cannot run here
     die(str(e))
+eval_step = compile_to_fit('evaluation', lowered['evaluation'])
+if not eval_only:
+    train_step = compile_to_fit('the training step', lowered['the training step'])
 
 
 def estimate_loss():
@@ -308,13 +320,6 @@ def diverged(what):
     die(f"iter {iter_num}: {what}: training diverged; " +
         (f"the last checkpoint in {out_dir!r} (iter {last}) is kept: resume it with a lower --learning_rate"
          if last is not None else "no checkpoint was written"), code=1)
-
-
-def out_of_memory(error, where):
-    """Stop with what to change when the devices ran out of memory; any other error goes on up."""
-    if 'RESOURCE_EXHAUSTED' not in str(error):
-        raise error
-    die(tu.out_of_memory_message(error, where, state_bytes, memory_advice(where)), code=1)
 
 
 # logging
