@@ -11,6 +11,7 @@ and of the same type as the default (an int is accepted where a float is expecte
 Any mistake stops the script with a one-line error and exit code 2, before any work starts.
 """
 
+import ast
 import difflib
 import sys
 from ast import literal_eval
@@ -35,6 +36,25 @@ def or_die(f, *args):
 def config_keys(config_globals):
     """The names that can be overridden: the script's int/float/bool/str globals."""
     return [k for k, v in config_globals.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)]
+
+
+def script_defaults(path):
+    """{key: default} of the config of a script like train_jax.py: the names it sets, at the top
+    level, before it calls configure, to values computed from literals alone (5 * 8, 2 ** 16). So
+    that compile_jax.py takes train_jax.py's keys and defaults without a copy of them."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    defaults = {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and \
+                getattr(node.value.func, 'id', None) == 'configure':
+            break
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                defaults[node.targets[0].id] = eval(compile(ast.Expression(node.value), path, 'eval'), {'__builtins__': {}})
+            except Exception:  # not computed from literals alone
+                continue
+    return {k: v for k, v in defaults.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)}
 
 
 def parse_value(key, text, default):

@@ -15,7 +15,11 @@ import numpy as np
 
 from jax_transformer import GPTConfig, param_shapes, param_paths
 
-GPT2_MODELS = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
+# OpenAI's GPT-2 models: n_layer, n_head, n_embd; all have GPT-2's vocabulary, 1024 positions, biases
+# and the tanh GELU
+GPT2_SHAPES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),
+               'gpt2-xl': (48, 25, 1600)}
+GPT2_MODELS = tuple(GPT2_SHAPES)
 # transformers' names of the GELUs: True for the tanh approximation OpenAI's GPT-2 was trained with
 HF_GELUS = {'gelu': False, 'gelu_python': False, 'gelu_new': True, 'gelu_pytorch_tanh': True, 'gelu_fast': True}
 
@@ -141,6 +145,25 @@ def safetensors_reader(paths, stack):
     return get_tensor
 
 
+def read_hf_config(config_path):
+    """The GPTConfig of a Hugging Face GPT-2 config.json; ValueError with a one-line message."""
+    try:
+        with open(config_path) as f:
+            return gpt_config_from_hf(json.load(f))
+    except (OSError, ValueError) as e:  # unreadable, not JSON, or not a GPT-2
+        raise ValueError(f"{config_path}: {e}") from None
+
+
+def pretrained_config(name_or_path):
+    """The GPTConfig of what from_pretrained(name_or_path) loads, without its weights or a network:
+    one of GPT2_MODELS, or the config.json of a Hugging Face GPT-2 folder."""
+    if name_or_path in GPT2_SHAPES:
+        n_layer, n_head, n_embd = GPT2_SHAPES[name_or_path]
+        return GPTConfig(block_size=1024, vocab_size=50257, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                         bias=True, gelu_approximate=True)
+    return read_hf_config(os.path.join(name_or_path, 'config.json'))
+
+
 def from_pretrained(name_or_path):
     """(GPTConfig, params) of OpenAI's GPT-2: 'gpt2', 'gpt2-medium', 'gpt2-large' or 'gpt2-xl'
     from the Hugging Face hub (its cache and HF_HUB_OFFLINE work as usual), or a GPT-2 folder as
@@ -150,11 +173,7 @@ def from_pretrained(name_or_path):
     one-line message, when there is no such model or it is not a GPT-2 this model can compute."""
     print(f"loading weights from pretrained gpt: {name_or_path}")
     config_path, weight_paths = hf_files(name_or_path)
-    try:
-        with open(config_path) as f:
-            config = gpt_config_from_hf(json.load(f))
-    except ValueError as e:  # not JSON, or not a GPT-2
-        raise ValueError(f"{config_path}: {e}") from None
+    config = read_hf_config(config_path)
     if name_or_path in GPT2_MODELS:
         print(f"forcing vocab_size={config.vocab_size}, block_size={config.block_size}, bias=True")
     with contextlib.ExitStack() as stack:
