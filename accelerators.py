@@ -13,6 +13,7 @@ jax.experimental.topologies: libtpu for TPUs, jax[cuda13]'s plugin for GPUs (see
 requirements_compile.txt), on any machine.
 """
 
+import importlib.util
 import os
 import re
 from typing import NamedTuple
@@ -181,12 +182,16 @@ def quietly(f, *args, **kwargs):
 def target_devices(target):
     """(jax devices of the target, its Accelerator) for compiling without the hardware; each
     device's process_index is its host. ValueError for an unknown target name, or when the
-    package that compiles for it is missing."""
+    package that compiles for it is missing or fails."""
     from jax.experimental import topologies
     accelerator, args = parse_target(target)
+    package, module = ('libtpu', 'libtpu') if args['platform'] == 'tpu' else ('jax[cuda13]', 'jax_plugins.xla_cuda13')
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"compiling for {target} needs {package} at jax's version: "
+                         f"pip install -r requirements_compile.txt")
+    # no TPU is touched: several processes may compile at once (libtpu otherwise locks its use to one)
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     try:
         return quietly(topologies.get_topology_desc, **args).devices, accelerator
     except Exception as e:  # jax's errors: RuntimeError, NotImplementedError, its own JaxRuntimeError
-        package = 'libtpu' if args['platform'] == 'tpu' else 'jax[cuda13]'
-        raise ValueError(f"cannot compile for {target} here ({str(e).strip().splitlines()[0][:150]}): it needs "
-                         f"{package} at jax's version: pip install -r requirements_compile.txt") from None
+        raise ValueError(f"{package} cannot compile for {target} here: {str(e).strip().splitlines()[0]}") from None

@@ -133,6 +133,10 @@ def advice(where):
 error_lines = {}  # where -> the one line saying it does not fit
 
 
+def duration(seconds):
+    return f"{seconds:,.3g} s" if seconds >= 1 else f"{seconds * 1000:,.3g} ms"
+
+
 def decimal(n, unit):
     """n in the largest of T, G, M, k (powers of 1000) that keeps it at 1 or more, with unit."""
     scale, prefix = next(((s, p) for s, p in ((1e12, 'T'), (1e9, 'G'), (1e6, 'M'), (1e3, 'k')) if n >= s), (1, ''))
@@ -180,10 +184,12 @@ def work(program, per, tokens, training):
         figures['bound_ms'] = bound * 1000
         if training:
             figures['mfu_bound'] = estimate_mfu(model_config, n_params, tokens / model_config.block_size, bound, peak)
-        print(f"  bound: {compute_s * 1000:,.3g} ms of arithmetic at {accelerator.peak_flops / 1e12:,.0f} TFLOP/s, "
-              f"{memory_s * 1000:,.3g} ms of memory traffic at {accelerator.bandwidth / 1e9:,.0f} GB/s: "
+        print(f"  bound: {duration(compute_s)} of arithmetic at {accelerator.peak_flops / 1e12:,.0f} TFLOP/s, "
+              f"{duration(memory_s)} of memory traffic at {accelerator.bandwidth / 1e9:,.0f} GB/s: "
               f"{'memory' if memory_s > compute_s else 'compute'}-bound" +
-              (f", MFU at most {figures['mfu_bound'] * 100:.0f}% (nanoGPT's formula)" if training else ""))
+              (f", MFU at most {figures['mfu_bound'] * 100:.0f}% (nanoGPT's formula" +
+               (", which counts the masked half of attention too)" if figures['mfu_bound'] > 1 else ")")
+               if training else ""))
     collectives = ', '.join(f"{n:,} {kind.replace('_', '-')}" for kind, n in sorted(costs.collectives.items()))
     print(f"  collectives: {collectives or 'none'}" + (f" ({costs.in_loop:,} inside loops)" if costs.in_loop else ""))
     return figures

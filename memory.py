@@ -95,4 +95,7 @@ def memory_shortage(compiled, where, resident_bytes, advice, device=None, free=N
         has = f"the {size(n * free)} available"
     else:
         needs, has = f"{size(need)} on each device", f"the {size(free)} free on a {device.device_kind}"
+    if device.platform == 'gpu' and 'XLA_PYTHON_CLIENT_MEM_FRACTION' not in os.environ and need <= free / 0.75 * 0.95:
+        advice = (f"XLA_PYTHON_CLIENT_MEM_FRACTION=.95 in the environment (jax takes 75% of a GPU's memory unless "
+                  f"told), or {advice}")
     return f"{where} needs {needs}, more than {has}: try {advice}"

@@ -58,8 +58,9 @@ def test_memory_is_predicted_from_the_compiled_program(monkeypatch):
         f"available: try less"
 
 
-def test_a_device_that_is_not_here_is_given_with_its_memory():
-    """compile_jax.py's case: the device and its memory are the target's."""
+def test_a_device_that_is_not_here_is_given_with_its_memory(monkeypatch):
+    """compile_jax.py's case: the device and its memory are the target's. On a GPU, where jax takes
+    75% of the memory unless told, asking for more is the first thing to try, where it would do."""
     program, a, b = donating_program()
     need = memory.program_bytes(program)
     tpu = SimpleNamespace(platform='tpu', device_kind='TPU v5 lite')
@@ -67,3 +68,11 @@ def test_a_device_that_is_not_here_is_given_with_its_memory():
     assert memory.memory_shortage(program, 'evaluation', 0, 'less', tpu, need - 2**20) == \
         f"evaluation needs {memory.size(need)} on each device, more than the {memory.size(need - 2**20)} free on a " \
         f"TPU v5 lite: try less"
+    gpu = SimpleNamespace(platform='gpu', device_kind='NVIDIA A100-SXM4-40GB')
+    monkeypatch.delenv('XLA_PYTHON_CLIENT_MEM_FRACTION', raising=False)
+    assert memory.memory_shortage(program, 'evaluation', 0, 'less', gpu, need * 0.9).endswith(
+        "try XLA_PYTHON_CLIENT_MEM_FRACTION=.95 in the environment (jax takes 75% of a GPU's memory unless told), "
+        "or less")
+    assert memory.memory_shortage(program, 'evaluation', 0, 'less', gpu, need * 0.5).endswith("try less")
+    monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '.9')
+    assert memory.memory_shortage(program, 'evaluation', 0, 'less', gpu, need * 0.9).endswith("try less")
