@@ -179,12 +179,27 @@ def quietly(f, *args, **kwargs):
         os.close(null)
 
 
-def target_devices(target):
+def local_target_config():
+    """The target config of this machine's GPU as XLA sees it: the exact figures, to compile for it
+    elsewhere (compile_jax.py --target_config). ValueError without a GPU."""
+    if attached() != 'gpu':
+        raise ValueError("saving a GPU's target config needs that GPU: run it on the machine that has it")
+    import jax
+    from jax._src.lib import xla_client
+    return xla_client.get_topology_for_devices(jax.devices()).target_config
+
+
+def target_devices(target, target_config=None):
     """(jax devices of the target, its Accelerator) for compiling without the hardware; each
-    device's process_index is its host. ValueError for an unknown target name, or when the
+    device's process_index is its host. A GPU target compiles with target_config (text) when
+    given, else with the table's figures. ValueError for an unknown target name, or when the
     package that compiles for it is missing or fails."""
     from jax.experimental import topologies
     accelerator, args = parse_target(target)
+    if target_config is not None:
+        if args['platform'] != 'cuda':
+            raise ValueError(f"a target config is a GPU's: {target} is a TPU slice")
+        args['target_config'] = target_config
     package, module = ('libtpu', 'libtpu') if args['platform'] == 'tpu' else ('jax[cuda13]', 'jax_plugins.xla_cuda13')
     if importlib.util.find_spec(module) is None:
         raise ValueError(f"compiling for {target} needs {package} at jax's version: "

@@ -70,6 +70,17 @@ def check_sample_config(config):
             f"(below 1 is less random, e.g. 0.01 is nearly greedy)")
 
 
+def read_text(path):
+    """The text of the file at path ('' for no path), or stop saying why it cannot be read."""
+    if not path:
+        return ''
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
+
+
 def check_out_dir(out_dir):
     """out_dir exists, or can be made, and takes new files: found out now rather than at the
     first checkpoint, an hour into training."""

@@ -11,6 +11,10 @@ hosts ('2x8xh100'); Cloud TPU slices: v4-8 ..., v5e-1 ... v5e-256, v5p-8 ..., v6
 machine. GPUs and TPUs need pip install -r requirements_compile.txt. The programs are the ones
 train_jax.py would run there (the same code builds them); every figure is compiled, not run.
 Exit code 1 when the run does not fit (with what to try), 2 for bad input.
+
+A GPU's exact figures, read off the GPU itself, replace the table's:
+$ python compile_jax.py --save_target_config=h100.textproto   # on the machine with the GPU
+$ python compile_jax.py config/train_gpt2.py --target=8xh100 --target_config=h100.textproto
 """
 
 import json as json_file  # `json` is a config key
@@ -18,8 +22,6 @@ import os
 import sys
 import time
 from functools import partial
-
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # the programs are compiled here, for devices that are not
 
 import accelerators
 import checks
@@ -30,6 +32,8 @@ from configurator import configure, config_keys, die, or_die, script_defaults
 globals().update(script_defaults(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_jax.py')))
 target = ''  # what to compile for, e.g. 'h100', '8xa100-40gb', '2x8xh100', 'v5e-8', 'v4-32', 'cpu'
 json = ''  # also write the figures to this file, as JSON
+target_config = ''  # a file with a GPU's exact figures to compile with, instead of accelerators.py's (see the next)
+save_target_config = ''  # on a machine with a GPU: write its target config to this file, and stop
 vocab_size = 0  # 0: the dataset's meta.pkl when it is prepared, else GPT-2's 50304 (compiling reads no data)
 sample = True  # also compile sample_jax.py's programs, at its default num_samples and max_new_tokens
 # -----------------------------------------------------------------------------
@@ -38,6 +42,14 @@ config = {k: globals()[k] for k in config_keys(globals())}
 # -----------------------------------------------------------------------------
 
 checks.check_train_config(config)
+if save_target_config:  # jax on this machine's GPU
+    text = or_die(accelerators.local_target_config)
+    with open(save_target_config, 'w') as f:
+        f.write(text)
+    print(f"wrote the target config of this machine's GPU to {save_target_config}: compile for it anywhere with "
+          f"--target_config={save_target_config}")
+    sys.exit(0)
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # the programs are compiled here, for devices that are not
 if not target:
     die(f"say what to compile for with --target=: {accelerators.known_targets()}")
 if init_from == 'resume':
@@ -61,7 +73,7 @@ if target == 'cpu':
     tu.configure_devices('cpu', cpu_devices, [(gradient_accumulation_steps, batch_size), (eval_iters, batch_size)])
     devices, accelerator = jax.devices(), None
 else:
-    devices, accelerator = or_die(accelerators.target_devices, target)
+    devices, accelerator = or_die(accelerators.target_devices, target, checks.read_text(target_config) or None)
 mesh = tu.make_mesh(devices)
 platform = tu.mesh_platform(mesh)
 dtype = tu.resolve_dtype(dtype, platform)

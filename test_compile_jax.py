@@ -95,6 +95,21 @@ def test_a_run_that_does_not_fit_exits_1_with_what_to_try(compile_env, tmp_path,
     assert 'try a smaller --batch_size with more --gradient_accumulation_steps' in error[0]
 
 
+@needs_cuda
+def test_a_gpu_compiles_with_a_saved_target_config(compile_env, tmp_path):
+    """An H100's exact figures, as XLA reads them off the GPU, given instead of the table's; saving
+    them needs the GPU itself."""
+    saved = os.path.join(SHARED, '..', 'aot', 'h100.textproto')
+    if not os.path.exists(saved):
+        pytest.skip(f"no saved target config at {saved}")
+    p, figures = compile_for('h100', TINY + ['--dtype=bfloat16', f'--target_config={saved}'], compile_env, tmp_path)
+    assert figures['device_kind'] == 'NVIDIA H100 80GB HBM3' and figures['attention'] == ['cudnn']
+    if accelerators.attached() != 'gpu':
+        p = run_script('compile_jax.py', [f'--save_target_config={tmp_path / "here.textproto"}'], compile_env,
+                       check=False)
+        assert p.returncode == 2 and 'needs that GPU' in p.stderr and not (tmp_path / 'here.textproto').exists()
+
+
 def test_bad_input_exits_2(compile_env):
     p = run_script('compile_jax.py', ['--target=h300'] + TINY, compile_env, check=False)
     assert p.returncode == 2 and p.stderr.startswith("error: unknown target 'h300'") and 'v5e-8' in p.stderr
