@@ -72,6 +72,23 @@ def peak_flops(device_kind):
     return exact or next((flops for name, flops in OTHER_PEAK_FLOPS if name in kind), None)
 
 
+def compute_capability(device):
+    """An NVIDIA GPU's compute capability (9.0 for an H100), 0.0 for any other device."""
+    try:
+        return float(getattr(device, 'compute_capability', '')) if device.platform == 'gpu' else 0.0
+    except ValueError:  # an AMD GPU's ('gfx942')
+        return 0.0
+
+
+def fast_bfloat16(device):
+    """Whether a device computes in bfloat16 faster than in float32: TPUs, AMD's GPUs and NVIDIA's
+    from the A100 (compute capability 8.0) on; not a CPU, a V100 or a T4 (float16 alone)."""
+    if device.platform == 'gpu':
+        return compute_capability(device) >= 8.0 or 'NVIDIA' not in device.device_kind and \
+            not device.device_kind.startswith('Tesla')
+    return device.platform == 'tpu'
+
+
 def usable_memory(accelerator):
     """Bytes of a device's memory that jax's programs may use: a TPU's HBM; on GPUs the share
     XLA_PYTHON_CLIENT_MEM_FRACTION says (75% unless set), which jax's allocator takes at start."""

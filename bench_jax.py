@@ -126,7 +126,7 @@ if 'jax' in contenders or sample:
     mesh = tu.make_mesh()
     device_type = tu.mesh_platform(mesh)
     try:
-        dtype = tu.resolve_dtype(dtype, device_type)
+        dtype = tu.resolve_dtype(dtype, mesh)
         layout = tu.batch_layout(gradient_accumulation_steps, batch_size, jax.device_count(),  # as train_jax.py
                                  shared_memory=device_type == 'cpu')
     except ValueError as e:
@@ -145,7 +145,8 @@ else:
 vocab_size = vocab_size or checks.dataset_vocab_size(data_dir) or 50304
 if 'jax' in contenders or sample:
     config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                       dropout=dropout, bias=bias, dtype=dtype, remat=remat, attention=attention, platform=device_type)
+                       dropout=dropout, bias=bias, dtype=dtype, remat=remat, attention=attention,
+                       **tu.compiled_for(mesh, per_device=True))
     devices = jax.devices()
     print(f"{len(devices)} x {devices[0].device_kind}, ", end='')
 print(f"compute dtype {dtype}, {n_layer} layers, {n_head} heads, n_embd {n_embd}, vocab {vocab_size}, " +

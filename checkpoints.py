@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 
 from gpt2_weights import from_pretrained
 from jax_transformer import GPTConfig, param_shapes
-from jax_train_utils import AdamWState, mesh_platform, resolve_dtype, with_sharding
+from jax_train_utils import AdamWState, compiled_for, resolve_dtype, with_sharding
 from processes import max_over_processes
 from nanogpt_checkpoints import NANOGPT_CHECKPOINT, read_nanogpt_checkpoint
 
@@ -229,8 +229,9 @@ def load_params(out_dir, sharding):
 
 def load_model(init_from, out_dir, mesh, dtype):
     """(metadata, GPTConfig, params on every device of mesh) of the model that sampling or an
-    evaluation runs, without dropout, computing in dtype ('auto' as resolve_dtype takes it): out_dir's newest checkpoint when init_from
-    is 'resume' (see load_params), else one of OpenAI's GPT-2 or a Hugging Face GPT-2 folder (see
+    evaluation runs on the mesh's devices, without dropout, computing in dtype ('auto' as
+    resolve_dtype takes it): out_dir's newest checkpoint when init_from is 'resume' (see
+    load_params), else one of OpenAI's GPT-2 or a Hugging Face GPT-2 folder (see
     gpt2_weights.from_pretrained), whose metadata is None. ValueError with a one-line message when
     there is no such model."""
     replicated = NamedSharding(mesh, P())
@@ -239,8 +240,9 @@ def load_model(init_from, out_dir, mesh, dtype):
     else:
         meta, (config, params) = None, from_pretrained(init_from)
         params = jax.device_put(params, replicated)
-    platform = mesh_platform(mesh)
-    return meta, dataclasses.replace(config, dropout=0.0, dtype=resolve_dtype(dtype, platform), platform=platform), params
+    # sampling and HellaSwag trace their model for all the rows, which XLA splits
+    config = dataclasses.replace(config, dropout=0.0, dtype=resolve_dtype(dtype, mesh), **compiled_for(mesh, False))
+    return meta, config, params
 
 
 # -----------------------------------------------------------------------------

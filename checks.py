@@ -48,8 +48,9 @@ def check_train_config(config):
     for key in ('dropout', 'beta1', 'beta2'):
         in_unit_interval(config, key)
     check_dtype(config['dtype'])
-    if config['attention'] not in ('auto', 'dense', 'blockwise', 'cudnn'):
-        die(f"attention={config['attention']!r} is not allowed: use 'auto', 'dense', 'blockwise' or 'cudnn'")
+    if config['attention'] not in ('auto', 'dense', 'blockwise', 'cudnn', 'flash'):
+        die(f"attention={config['attention']!r} is not allowed: use 'auto', 'dense', 'blockwise', 'cudnn' (NVIDIA) "
+            f"or 'flash' (TPU)")
     if config['init_from'] == 'scratch':  # a resumed or pretrained model has the shape of its checkpoint
         for key in ('n_layer', 'n_head', 'n_embd'):
             at_least(config, key, 1)

@@ -76,7 +76,7 @@ else:
     devices, accelerator = or_die(accelerators.target_devices, target, checks.read_text(target_config) or None)
 mesh = tu.make_mesh(devices)
 platform = tu.mesh_platform(mesh)
-dtype = tu.resolve_dtype(dtype, platform)
+dtype = tu.resolve_dtype(dtype, mesh)
 hosts = len({d.process_index for d in devices})
 train_layout = or_die(tu.batch_layout, gradient_accumulation_steps, batch_size, len(devices),
                       'gradient_accumulation_steps', platform == 'cpu')
@@ -96,7 +96,8 @@ else:
         die(f"block_size={block_size} is larger than the block_size {model_config.block_size} of {init_from}")
 # a shorter block_size crops the model, as train_jax.py does
 model_config = GPTConfig(**{**model_config.__dict__, 'block_size': block_size, 'dropout': dropout, 'dtype': dtype,
-                            'remat': remat, 'attention': attention, 'platform': platform})
+                            'remat': remat, 'attention': attention,
+                            **tu.compiled_for(mesh, tu.traced_per_device(mesh, fsdp))})
 
 # the train state, as shapes placed on the devices
 abstract_params = param_shapes(model_config)
@@ -225,7 +226,7 @@ if sample:
     prompt = jax.ShapeDtypeStruct((n, 1), jax.numpy.int32,
                                   sharding=NamedSharding(mesh, P('data' if n % len(devices) == 0 else None)))
     params = tu.with_sharding(abstract_params, jax.tree.map(lambda _: replicated, abstract_params))
-    sample_config = GPTConfig(**{**model_config.__dict__, 'dropout': 0.0})
+    sample_config = GPTConfig(**{**model_config.__dict__, 'dropout': 0.0, **tu.compiled_for(mesh, False)})  # as load_model
     generation = compile_program('sampling', lambda: compiled_generation(
         params, sample_config, prompt, 1, sampling['max_new_tokens'], sampling['temperature'], sampling['top_k'],
         sampling['top_p']))

@@ -110,12 +110,31 @@ def convolution_flops(ins, shape_of):
     return 2 * out[out_labels.index('b')] * out[out_labels.index('f')] * pairs * kernel[kernel_labels.index('i')]
 
 
+# the products of 2 B H bq bk D FLOPs that each kernel of Pallas' TPU flash attention computes per
+# tile of bq queries x bk keys: the forward's scores and output; the backward's dq kernel the scores
+# again, dP and dQ, its dkv kernel the scores, dP, dV and dK
+FLASH_PRODUCTS = {'flash_attention': 2, 'flash_mha_bwd_dq': 3, 'flash_mha_bwd_dkv': 4}
+
+
+def flash_flops(ins, shape_of, products):
+    """FLOPs of a kernel of Pallas' TPU flash attention, which skips the tiles above the diagonal:
+    jax's kernels declare no cost (the backward's) or that of all tiles (the forward's)."""
+    B, H, T, D = arrays(shape_of(ins.operands[0]))[0][1]  # q
+    bq = int((re.search(r'block_q_(?:major_)?(\d+)', ins.name) or [0, 128])[1])
+    bk = int((re.search(r'block_k_major_(\d+)', ins.name) or [0, 128])[1])
+    tiles = sum(min(-(-T // bk), -(-(i + 1) * bq // bk)) for i in range(-(-T // bq)))
+    return 2 * products * B * H * bq * bk * D * tiles
+
+
 def library_call_flops(ins, shape_of):
     """FLOPs of the library calls XLA makes on GPUs: cuBLAS matrix products and cuDNN's fused
-    attention (half its tiles when causal, which it skips above the diagonal). Pallas kernels on
-    TPUs declare their own cost in the call."""
+    attention (half its tiles when causal, which it skips above the diagonal); of Pallas kernels on
+    TPUs, the cost they declare, or for flash attention its tiles."""
     target = re.search(r'custom_call_target="([^"]*)"', ins.attrs)
     target = target[1] if target else ''
+    flash = next((n for n in FLASH_PRODUCTS if ins.name.startswith(n)), None)
+    if target == 'tpu_custom_call' and flash:
+        return flash_flops(ins, shape_of, FLASH_PRODUCTS[flash])
     config = ins.backend_config()
     if 'gemm_backend_config' in config:
         numbers = config['gemm_backend_config'].get('dot_dimension_numbers', {})
@@ -319,4 +338,4 @@ def program_costs(hlo_text):
 def attention_in(hlo_text):
     """The attention implementations a compiled model runs, by the names jax_attention.attention
     gives their ops: e.g. ['cudnn'], or ['blockwise', 'dense'] when two calls chose differently."""
-    return sorted(set(re.findall(r'/(dense|blockwise|cudnn)_attention/', hlo_text)))
+    return sorted(set(re.findall(r'/(dense|blockwise|cudnn|flash)_attention/', hlo_text)))

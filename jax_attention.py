@@ -1,12 +1,13 @@
 """
 Causal self-attention for jax_transformer.py. q (B, T, nh, hs), k and v (B, Tk, nh, hs) in, as the
-model makes them; (B, T, nh, hs) out, in v's dtype. Three ways to compute it:
+model makes them; (B, T, nh, hs) out, in v's dtype. Four ways to compute it:
 - dense_attention: all (B, nh, T, Tk) scores at once, kept for the backward pass; the only one
   with the queries at any offset (the key/value cache);
 - blockwise_attention: flash-style, one tile of scores at a time, recomputed in the backward pass
   from the rows' logsumexp: memory O(T), not O(T^2), and no work above the diagonal;
-- cuDNN's fused kernel, through jax.nn.dot_product_attention.
-attention() picks one for training and evaluation.
+- cuDNN's fused kernel on NVIDIA GPUs, through jax.nn.dot_product_attention;
+- flash_attention: Pallas' flash attention kernel on TPUs.
+attention() picks one for training and evaluation, by the devices it is compiled for.
 """
 
 import math
@@ -234,32 +235,61 @@ def blockwise_attention(q, k, v, dropout_rate=0.0, dropout_key=None, block_q=128
     return y[:, :, :T].transpose(1, 0, 2, 3).reshape(B, nh, T, hs).transpose(0, 2, 1, 3)  # (B, T, nh, hs)
 
 
-def attention(q, k, v, dropout_rate, dropout_key, implementation, platform):
-    """Causal self-attention (Tk == T, no cache) by implementation 'dense', 'blockwise', 'cudnn' or
-    'auto', compiled for devices of platform ('cpu', 'gpu' or 'tpu'). Dropout when dropout_key is
-    not None and the rate is not 0. cuDNN runs on NVIDIA GPUs only, in bfloat16 or float16, without
-    dropout. 'auto' takes cuDNN where it runs; else on a CPU, blockwise from T = 64 once the
-    B * nh * T * T scores outgrow 2^19 floats (2 MiB, the L2 cache of the AMD EPYC measured), and
-    dense below, where it measured faster (docs/performance.md); on GPUs and TPUs, whose speed with
-    blockwise's small tiles is not measured, dense as long as a layer's float32 scores stay under
-    1 GiB, and blockwise beyond, where dense memory grows with T * T."""
-    B, T, nh, _ = q.shape
+def flash_attention(q, k, v, block=128):
+    """Causal attention by Pallas' flash attention kernel for TPUs (which runs on a CPU only under
+    jax.experimental.pallas.tpu.force_tpu_interpret_mode). Its blocks of 128 queries and keys
+    want T a multiple of 128: the sequence is padded, the keys after it being after every query
+    (the causal mask hides them) and the queries after it cut off."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as pallas  # Pallas' TPU code: on TPUs alone
+    B, T, nh, hs = q.shape
+    padded = -(-T // block) * block
+    heads_first = lambda x: jnp.pad(x, ((0, 0), (0, padded - T), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    y = pallas.flash_attention(*map(heads_first, (q, k, v)), causal=True, sm_scale=1 / math.sqrt(hs))
+    return y.transpose(0, 2, 1, 3)[:, :T]  # (B, T, nh, hs)
+
+
+IMPLEMENTATIONS = ('auto', 'dense', 'blockwise', 'cudnn', 'flash')
+
+
+def attention(q, k, v, dropout_rate, dropout_key, implementation, platform, cudnn=False, batch_shards=1):
+    """Causal self-attention (Tk == T, no cache) by implementation, one of IMPLEMENTATIONS, compiled
+    for devices of platform ('cpu', 'gpu' or 'tpu') that share the batch of q as batch_shards (1:
+    q is one device's share; the device count: XLA splits the batch). Dropout when dropout_key is
+    not None and the rate is not 0.
+    - cuDNN runs on NVIDIA GPUs of compute capability 8.0 or more (cudnn), in bfloat16 or float16,
+      head sizes multiples of 8 up to 128, without dropout;
+    - flash on TPUs, without dropout, on each device's own rows (a kernel XLA cannot split);
+    - 'auto' takes cuDNN or flash where they run; else on a CPU, blockwise from T = 64 once a
+      device's B * nh * T * T scores outgrow 2^19 floats (2 MiB, the L2 cache of the AMD EPYC
+      measured), and dense below, where it measured faster (docs/performance.md); on GPUs and TPUs,
+      dense as long as a device's float32 scores of a layer stay under 1 GiB, blockwise beyond."""
+    B, T, nh, hs = q.shape
+    B = max(1, B // batch_shards)  # one device's rows
     dropout = dropout_key is not None and dropout_rate > 0.0
-    cudnn_runs = platform == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) and not dropout
+    why_not = {
+        'cudnn': "cudnn attention needs an NVIDIA GPU of compute capability 8.0 or more, bfloat16 or float16, a head "
+                 "size that is a multiple of 8 up to 128, and no dropout"
+                 if not (cudnn and q.dtype in (jnp.bfloat16, jnp.float16) and not dropout and hs % 8 == 0 and hs <= 128)
+                 else None,
+        'flash': "flash attention needs a TPU, no dropout and no --fsdp"
+                 if not (platform == 'tpu' and not dropout and batch_shards == 1) else None,
+    }
     if implementation == 'auto':
-        if cudnn_runs:
-            implementation = 'cudnn'
+        if why_not['cudnn'] is None or why_not['flash'] is None:
+            implementation = 'cudnn' if why_not['cudnn'] is None else 'flash'
         elif platform == 'cpu':
             implementation = 'blockwise' if T >= 64 and B * nh * T * T > 2 ** 19 else 'dense'
         else:
             implementation = 'blockwise' if 4 * B * nh * T * T > 2 ** 30 else 'dense'
-    if implementation not in ('dense', 'blockwise', 'cudnn'):
-        raise ValueError(f"attention implementation {implementation!r}: not 'auto', 'dense', 'blockwise' or 'cudnn'")
-    if implementation == 'cudnn' and not cudnn_runs:
-        raise ValueError("cudnn attention needs an NVIDIA GPU, bfloat16 or float16 and no dropout")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: not one of {', '.join(IMPLEMENTATIONS)}")
+    if why_not.get(implementation):
+        raise ValueError(why_not[implementation])
     with jax.named_scope(f'{implementation}_attention'):  # names the choice in the compiled program
         if implementation == 'dense':
             return dense_attention(q, k, v, 0, dropout_rate, dropout_key)
         if implementation == 'blockwise':
             return blockwise_attention(q, k, v, dropout_rate, dropout_key)
+        if implementation == 'flash':
+            return flash_attention(q, k, v)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')

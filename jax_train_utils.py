@@ -108,11 +108,21 @@ def batch_layout(n_batches, batch_size, n_devices, name='gradient_accumulation_s
                      f"or --batch_size={round_up(batch_size)})")
 
 
-def resolve_dtype(dtype, platform):
-    """The compute dtype name (one checks.check_dtype lets through) on devices of platform: 'auto'
-    is bfloat16 on GPU/TPU and float32 on CPU."""
+def compiled_for(mesh, per_device):
+    """The GPTConfig fields that say which devices a model is compiled for: the mesh's platform,
+    whether cuDNN's fused attention runs there (NVIDIA, compute capability 8.0 or more), and how
+    many devices share the batch the model is traced with: 1 when each device traces its own rows
+    (per_device, see traced_per_device), else all of the mesh's."""
+    device = mesh.devices.flat[0]
+    return dict(platform=mesh_platform(mesh), cudnn=accelerators.compute_capability(device) >= 8.0,
+                batch_shards=1 if per_device else mesh.size)
+
+
+def resolve_dtype(dtype, mesh):
+    """The compute dtype name (one checks.check_dtype lets through) on the mesh's devices: 'auto'
+    is bfloat16 where they compute it fast (TPUs, GPUs from NVIDIA's A100 on), else float32."""
     if dtype == 'auto':
-        return 'float32' if platform == 'cpu' else 'bfloat16'
+        return 'bfloat16' if accelerators.fast_bfloat16(mesh.devices.flat[0]) else 'float32'
     return dtype
 
 
@@ -265,11 +275,15 @@ def loss_fn(params, apply_fn, x, y, dropout_key):
     return loss
 
 
+def mean_loss(params, apply_fn, x, y):
+    """Mean loss over batches x, y (n, B, T), dropout off."""
+    return jnp.mean(jax.lax.map(lambda b: loss_fn(params, apply_fn, b[0], b[1], None), (x, y)))
+
+
 @jax.jit
 def eval_loss(state, x, y):
-    """Mean loss over batches x, y (n, B, T), dropout off."""
-    losses = jax.lax.map(lambda b: loss_fn(state.params, state.apply_fn, b[0], b[1], None), (x, y))
-    return jnp.mean(losses)
+    """Mean loss over batches x, y (n, B, T), dropout off, the model traced for all of them."""
+    return mean_loss(state.params, state.apply_fn, x, y)
 
 
 def mean_grads(params, apply_fn, x, y, dropout_key):
@@ -288,56 +302,86 @@ def mean_grads(params, apply_fn, x, y, dropout_key):
     return jax.tree.map(lambda g: g / x.shape[0], grads), jnp.mean(losses)
 
 
-def flat_all_reduce_grads(mesh, params, apply_fn, x, y, dropout_key):
-    """mean_grads, each device of the mesh on its own rows of x, y (replicated params), then
-    averaged over the devices in one all-reduce of a flat vector, as nanoGPT's DDP averages its
-    ranks' gradients (equal to mean_grads on all rows unless targets hold -1): XLA's CPU all-reduce
-    costs about the same for one array as for many times its size (docs/performance.md)."""
-    def per_device(params, x, y):
+def per_device(mesh, f, out_specs):
+    """f(params, x, y) run by each device of the mesh on its own rows of x, y (steps, rows, T),
+    params replicated: the model is traced for one device's share of the batch, which its
+    attention rule sees, and holds no collective until f's own. check_vma off: each device's
+    values stay its own until f averages them."""
+    return jax.shard_map(f, mesh=mesh, in_specs=(P(), P(None, 'data'), P(None, 'data')), out_specs=out_specs,
+                         check_vma=False)
+
+
+def device_mean_grads(mesh, params, apply_fn, x, y, dropout_key):
+    """mean_grads, each device of the mesh on its own rows of x, y, then averaged over the devices
+    once, after the micro-steps, as nanoGPT's DDP averages its ranks' gradients after the last
+    (equal to mean_grads on all rows unless targets hold -1). On CPU devices in one all-reduce of a
+    flat vector: XLA's CPU all-reduce costs about the same for one array as for many times its
+    size (docs/performance.md); GPUs and TPUs combine the arrays' own."""
+    flat = mesh_platform(mesh) == 'cpu'
+
+    def device_grads(params, x, y):
         key = jax.random.fold_in(dropout_key, jax.lax.axis_index('data'))  # each device its own masks
         grads, loss = mean_grads(params, apply_fn, x, y, key)
-        flat, unflatten = ravel_pytree(grads)
-        flat, loss = jax.lax.pmean((flat, loss), 'data')
-        return unflatten(flat), loss
-    # check_vma off: each device's gradients stay its own until the pmean, with no all-reduce per parameter
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(None, 'data'), P(None, 'data')),
-                         out_specs=(P(), P()), check_vma=False)(params, x, y)
+        if not flat:
+            return jax.lax.pmean((grads, loss), 'data')
+        vector, unflatten = ravel_pytree(grads)
+        vector, loss = jax.lax.pmean((vector, loss), 'data')
+        return unflatten(vector), loss
+    return per_device(mesh, device_grads, (P(), P()))(params, x, y)
 
 
 def _train_step(state, x, y, dropout_key, mesh=None):
     """One optimizer step over the micro-batches x, y (GA, B, T): the mean gradient (mean_grads, or
-    flat_all_reduce_grads over mesh), clipped and applied by the optimizer. Returns the new state
-    and the mean loss."""
+    device_mean_grads over mesh), clipped and applied by the optimizer. Returns the new state and
+    the mean loss."""
     dropout_key = jax.random.fold_in(dropout_key, state.step)
     if mesh is None:
         grads, loss = mean_grads(state.params, state.apply_fn, x, y, dropout_key)
     else:
-        grads, loss = flat_all_reduce_grads(mesh, state.params, state.apply_fn, x, y, dropout_key)
+        grads, loss = device_mean_grads(mesh, state.params, state.apply_fn, x, y, dropout_key)
     return state.apply_gradients(grads=grads), loss
 
 
-def lowered_steps(state, state_sharding, mesh, fsdp, block_size, eval_layout, train_layout=None, dropout_key=None):
-    """The programs of a training run, lowered for the devices of mesh, which need not be at hand
-    (state and dropout_key may be shapes, jax.ShapeDtypeStruct): {'evaluation': eval_loss on
-    batches of eval_layout, 'the training step': make_train_step's on batches of train_layout,
-    when given}. What train_jax.py runs is what compile_jax.py measures."""
-    batches = lambda layout: [batch_spec(mesh, layout, block_size)] * 2
-    lowered = {'evaluation': eval_loss.lower(state, *batches(eval_layout))}
-    if train_layout is not None:
-        step = make_train_step(state_sharding, mesh, fsdp)
-        lowered['the training step'] = step.lower(state, *batches(train_layout), dropout_key)
-    return lowered
+def traced_per_device(mesh, fsdp):
+    """Whether each device of the mesh traces the model for its own rows (per_device): always but
+    with FSDP, whose sharded params XLA gathers for a model traced for the whole batch."""
+    return mesh is not None and not fsdp
 
 
 def make_train_step(state_sharding=None, mesh=None, fsdp=False):
     """The jitted train step. It donates the train state and returns the new one placed by
     state_sharding (a tree of shardings shaped like the state, see state_sharding; None lets XLA
-    choose, which keeps a replicated state replicated). Given the mesh, on CPU devices and without
-    fsdp, the gradients are averaged in one flat all-reduce (flat_all_reduce_grads); elsewhere XLA
-    places its own all-reduces, which GPUs and TPUs overlap with the backward pass."""
-    flat = mesh is not None and not fsdp and mesh_platform(mesh) == 'cpu'
-    step = functools.partial(_train_step, mesh=mesh if flat else None)
+    choose, which keeps a replicated state replicated). Given the mesh, without fsdp, each device
+    computes its rows' gradients and they are averaged once (device_mean_grads); with fsdp, or
+    without a mesh, XLA splits the work and places its collectives."""
+    step = functools.partial(_train_step, mesh=mesh if traced_per_device(mesh, fsdp) else None)
     return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, None))
+
+
+def make_eval_step(mesh=None, fsdp=False):
+    """The jitted evaluation, eval_loss(state, x, y), each device on its own rows as the train step
+    (the mean of the devices' means, all rows being as many), else eval_loss."""
+    if not traced_per_device(mesh, fsdp):
+        return eval_loss
+
+    @jax.jit
+    def eval_loss_per_device(state, x, y):
+        device_loss = lambda params, x, y: jax.lax.pmean(mean_loss(params, state.apply_fn, x, y), 'data')
+        return per_device(mesh, device_loss, P())(state.params, x, y)
+    return eval_loss_per_device
+
+
+def lowered_steps(state, state_sharding, mesh, fsdp, block_size, eval_layout, train_layout=None, dropout_key=None):
+    """The programs of a training run, lowered for the devices of mesh, which need not be at hand
+    (state and dropout_key may be shapes, jax.ShapeDtypeStruct): {'evaluation': make_eval_step's
+    on batches of eval_layout, 'the training step': make_train_step's on batches of train_layout,
+    when given}. What train_jax.py runs is what compile_jax.py measures."""
+    batches = lambda layout: [batch_spec(mesh, layout, block_size)] * 2
+    lowered = {'evaluation': make_eval_step(mesh, fsdp).lower(state, *batches(eval_layout))}
+    if train_layout is not None:
+        step = make_train_step(state_sharding, mesh, fsdp)
+        lowered['the training step'] = step.lower(state, *batches(train_layout), dropout_key)
+    return lowered
 
 
 # -----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -32,11 +31,16 @@ class GPTConfig:
     dtype: str = 'float32'  # compute dtype; parameters are always float32
     remat: bool = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
     attention: str = 'auto'  # 'auto', 'dense', 'blockwise' or 'cudnn': see jax_attention.attention
-    platform: str = ''  # the devices it is compiled for, 'cpu', 'gpu' or 'tpu' (see platform); '' JAX's default backend
+    # the devices it is compiled for (jax_train_utils.compiled_for sets these from a mesh): 'cpu', 'gpu' or 'tpu'
+    # ('' JAX's default backend), whether cuDNN's fused attention runs there, and how many devices share the
+    # batch it is traced with (1: each traces its own rows; more: XLA splits the batch, as with FSDP)
+    platform: str = ''
+    cudnn: bool = False
+    batch_shards: int = 1
 
 
 # the fields of GPTConfig that the weights were trained with: a resumed or fine-tuned run takes them
-# from its checkpoint; the others (dropout, dtype, remat, attention, platform) are the run's own choice
+# from its checkpoint; the others (dropout, dtype, remat, attention and the devices) are the run's own
 ARCHITECTURE_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'gelu_approximate')
 
 
@@ -149,7 +153,8 @@ class CausalSelfAttention(nn.Module):
             y = dense_attention(q, k, v, q_offset=start)  # (B, T, nh, hs), the queries after the cache
         else:
             dropout_key = None if deterministic or cfg.dropout == 0.0 else self.make_rng('dropout')
-            y = attention(q, k, v, cfg.dropout, dropout_key, cfg.attention, platform(cfg))  # (B, T, nh, hs)
+            y = attention(q, k, v, cfg.dropout, dropout_key, cfg.attention, platform(cfg), cfg.cudnn,
+                          cfg.batch_shards)  # (B, T, nh, hs)
         y = y.reshape(B, T, C)  # re-assemble all head outputs
         y = dense(cfg, C, 'c_proj', std=residual_std(cfg))(y)
         return Dropout(cfg.dropout)(y, deterministic)

@@ -138,10 +138,11 @@ def test_blockwise_and_dense_match_pytorch():
 
 @pytest.fixture
 def chosen(monkeypatch):
-    """attention()'s choice among stand-ins for the three implementations."""
+    """attention()'s choice among stand-ins for the four implementations."""
     choices = []
     monkeypatch.setattr(jax_attention, 'dense_attention', lambda q, *args: choices.append('dense') or q)
     monkeypatch.setattr(jax_attention, 'blockwise_attention', lambda q, *args: choices.append('blockwise') or q)
+    monkeypatch.setattr(jax_attention, 'flash_attention', lambda q, *args: choices.append('flash') or q)
     monkeypatch.setattr(jax.nn, 'dot_product_attention', lambda q, *args, **kw: choices.append('cudnn') or q)
     return choices
 
@@ -160,25 +161,61 @@ def test_auto_on_cpu_follows_the_rule(chosen, B, T, rate, want):
     assert chosen == [want]
 
 
-@pytest.mark.parametrize('dtype, rate, B, want', [
-    (jnp.bfloat16, 0.0, 8, 'cudnn'), (jnp.float16, 0.0, 8, 'cudnn'),
-    (jnp.bfloat16, 0.2, 8, 'dense'), (jnp.float32, 0.0, 8, 'dense'),
-    (jnp.bfloat16, 0.2, 128, 'blockwise'), (jnp.float32, 0.0, 128, 'blockwise'),  # a layer's scores: 2 GiB
+@pytest.mark.parametrize('dtype, rate, B, cudnn, hs, want', [
+    (jnp.bfloat16, 0.0, 8, True, 64, 'cudnn'), (jnp.float16, 0.0, 8, True, 128, 'cudnn'),
+    (jnp.bfloat16, 0.2, 8, True, 64, 'dense'), (jnp.float32, 0.0, 8, True, 64, 'dense'),
+    (jnp.bfloat16, 0.0, 8, False, 64, 'dense'),  # a V100, a T4, an AMD GPU
+    (jnp.bfloat16, 0.0, 8, True, 256, 'dense'), (jnp.bfloat16, 0.0, 8, True, 60, 'dense'),  # head sizes cuDNN lacks
+    (jnp.bfloat16, 0.2, 128, True, 8, 'blockwise'), (jnp.float32, 0.0, 128, True, 8, 'blockwise'),  # 2 GiB of scores
 ])
-def test_auto_on_gpu_takes_cudnn_where_it_runs(chosen, dtype, rate, B, want):
+def test_auto_on_gpu_takes_cudnn_where_it_runs(chosen, dtype, rate, B, cudnn, hs, want):
     """Elsewhere dense, until a layer's float32 scores (B, nh, T, T) outgrow 1 GiB."""
-    q = jnp.zeros((B, 1024, 4, 1), dtype)
-    attention(q, q, q, rate, jax.random.key(0), 'auto', 'gpu')
-    attention(q, q, q, rate, None, 'auto', 'gpu')  # no key: no dropout
-    assert chosen == [want, 'cudnn' if dtype != jnp.float32 else want]
+    q = jnp.zeros((B, 1024, 4, hs), dtype)
+    attention(q, q, q, rate, jax.random.key(0), 'auto', 'gpu', cudnn)
+    assert chosen == [want]
+
+
+def test_the_rule_sees_one_devices_share_of_the_batch(chosen):
+    """128 rows traced for 8 devices (XLA splits them, as with FSDP) are 16 rows a device: dense,
+    where 128 rows of one device would be blockwise; and a TPU kernel XLA cannot split is not
+    chosen there."""
+    q = jnp.zeros((128, 1024, 4, 8), jnp.bfloat16)
+    attention(q, q, q, 0.0, None, 'auto', 'gpu', False, 8)
+    attention(q, q, q, 0.0, None, 'auto', 'gpu', False, 1)
+    attention(q, q, q, 0.0, None, 'auto', 'tpu', False, 1)
+    attention(q, q, q, 0.0, None, 'auto', 'tpu', False, 8)
+    attention(q, q, q, 0.1, jax.random.key(0), 'auto', 'tpu', False, 1)  # the kernel has no dropout
+    assert chosen == ['dense', 'blockwise', 'flash', 'dense', 'blockwise']
 
 
 def test_forced_choices(chosen):
     q = jnp.zeros((2, 16, 4, 8))
     attention(q, q, q, 0.2, jax.random.key(0), 'blockwise', 'cpu')
     attention(q, q, q, 0.0, None, 'dense', 'gpu')
-    assert chosen == ['blockwise', 'dense']
-    with pytest.raises(ValueError, match='cudnn'):  # not on a CPU
-        attention(q.astype(jnp.bfloat16), q, q, 0.0, None, 'cudnn', 'cpu')
-    with pytest.raises(ValueError, match='flash'):
+    attention(q, q, q, 0.0, None, 'flash', 'tpu')
+    assert chosen == ['blockwise', 'dense', 'flash']
+    with pytest.raises(ValueError, match='cudnn attention needs an NVIDIA GPU of compute capability 8.0'):
+        attention(q.astype(jnp.bfloat16), q, q, 0.0, None, 'cudnn', 'gpu', False)
+    with pytest.raises(ValueError, match='flash attention needs a TPU'):
         attention(q, q, q, 0.0, None, 'flash', 'cpu')
+    with pytest.raises(ValueError, match='flash attention needs a TPU, no dropout'):
+        attention(q, q, q, 0.1, jax.random.key(0), 'flash', 'tpu')
+    with pytest.raises(ValueError, match='one of auto, dense'):
+        attention(q, q, q, 0.0, None, 'splash', 'tpu')
+
+
+@pytest.mark.parametrize('dtype, atol', [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_flash_attention_equals_dense(dtype, atol):
+    """Pallas' TPU kernel, run on the CPU in interpret mode: values and every gradient as dense
+    attention's in float32, causal, T = 200 not a multiple of its blocks of 128."""
+    from jax.experimental.pallas import tpu as pltpu
+    q, k, v, dy = qkv((2, 200, 2, 64))
+    want, want_vjp = jax.vjp(lambda q, k, v: dense_attention(q, k, v), q, k, v)
+    cast = lambda *xs: [x.astype(dtype) for x in xs]
+    with pltpu.force_tpu_interpret_mode():
+        y, vjp = jax.vjp(jax_attention.flash_attention, *cast(q, k, v))
+        grads = vjp(*cast(dy))
+    assert y.dtype == dtype and y.shape == q.shape
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=atol, rtol=0)
+    for got, expected in zip(grads, want_vjp(dy)):
+        np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=atol * 4, rtol=0)

@@ -100,7 +100,7 @@ def test_resume_continues_exactly(one_go, data_root, tmp_path, script_env):
     assert loss(lines(first, 'iter ')) == loss(lines(stdout, 'iter ')[:11])
     assert [r[0] for r in metrics(tmp_path / 'out')[-2:]] == ['10', '10']  # evaluated and logged past the checkpoint...
     steps = lambda: {p.name: p.stat().st_mtime_ns for p in cache.glob('jit_*') if p.name.startswith(
-        ('jit__train_step-', 'jit_eval_loss-')) and not p.name.endswith('-atime')}
+        ('jit__train_step-', 'jit_eval_loss_per_device-')) and not p.name.endswith('-atime')}
     compiled = steps()
     assert len(compiled) == 2
     resumed = run_script('train_jax.py', common + ['--max_iters=20', '--init_from=resume'], env).stdout

@@ -53,7 +53,7 @@ n_embd = 768
 dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
 bias = False  # do we use bias inside LayerNorm and Linear layers?
 remat = False  # recompute each block's activations in the backward pass: less memory, more compute
-attention = 'auto'  # 'dense', 'blockwise' (flash-style, memory O(T)) or 'cudnn' (NVIDIA, bf16); 'auto' picks
+attention = 'auto'  # 'dense', 'blockwise' (memory O(T)), 'cudnn' (NVIDIA), 'flash' (TPU); 'auto' picks by device
 # adamw optimizer
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
@@ -117,7 +117,7 @@ if not eval_only:  # one training run per out_dir; eval_only reads the checkpoin
     or_die(checkpoints.lock_out_dir, out_dir)
 mesh = tu.make_mesh()
 platform = tu.mesh_platform(mesh)  # what the programs are compiled for
-dtype = tu.resolve_dtype(dtype, platform)
+dtype = tu.resolve_dtype(dtype, mesh)
 try:
     # one iteration is gradient_accumulation_steps x batch_size rows, however many devices share it
     cpu = platform == 'cpu'  # its devices share the machine's memory
@@ -218,7 +218,7 @@ if block_size < model_config.block_size:
     model_args['block_size'] = block_size  # so that the checkpoint will have the right value
 # how this run computes, which is not in the checkpoint
 model_config = dataclasses.replace(model_config, dropout=dropout, dtype=dtype, remat=remat, attention=attention,
-                                   platform=platform)
+                                   **tu.compiled_for(mesh, tu.traced_per_device(mesh, fsdp)))
 
 # every token of the data must be in the model's vocabulary
 vocab_from = {'scratch': meta_path if meta_vocab_size else "GPT-2's, padded", 'resume': "the checkpoint's"}
