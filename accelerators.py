@@ -47,12 +47,16 @@ ACCELERATORS = [
 ]
 BY_NAME = {a.name: a for a in ACCELERATORS}
 
-# Peak FLOP/s of devices that are not targets, matched against jax's device_kind (lower case)
-OTHER_PEAK_FLOPS = [
-    ('h100 pcie', 756e12), ('gh200', 989e12), ('a100', 312e12), ('a10g', 70e12), ('l40s', 362e12),
-    ('l4', 121e12), ('rtx 4090', 165e12), ('rtx 3090', 71e12), ('v100', 125e12), ('t4', 65e12),
-    ('tpu v3', 123e12), ('tpu v2', 45e12),
-]
+# Dense bfloat16 FLOP/s (float16 for the V100 and T4, which have no bfloat16) of devices that are not
+# targets, by jax's device_kind exactly (an L40 is not an L4), from their makers' datasheets
+PEAK_FLOPS = {
+    'NVIDIA A100-PCIE-40GB': 312e12, 'NVIDIA A100 80GB PCIe': 312e12, 'NVIDIA H100 PCIe': 756e12,
+    'NVIDIA H100 NVL': 835e12, 'NVIDIA GH200 480GB': 989e12, 'NVIDIA H20': 148e12, 'NVIDIA B200': 2250e12,
+    'NVIDIA L4': 121e12, 'NVIDIA L40': 181e12, 'NVIDIA L40S': 362e12, 'NVIDIA A10': 125e12, 'NVIDIA A10G': 70e12,
+    'NVIDIA GeForce RTX 4090': 165e12, 'NVIDIA GeForce RTX 3090': 71e12, 'Tesla V100-SXM2-16GB': 125e12,
+    'Tesla V100-SXM2-32GB': 125e12, 'Tesla V100-PCIE-16GB': 112e12, 'Tesla T4': 65e12,
+    'AMD Instinct MI300X': 1307e12, 'AMD Instinct MI250X': 383e12, 'TPU v2': 45e12, 'TPU v3': 123e12,
+}
 
 # Cloud TPU slices: chips -> (topology, chips per host); hosts of 4 chips beyond one host
 TWO_D_SLICES = {1: ('1x1', (1, 1, 1)), 4: ('2x2', (2, 2, 1)), 8: ('2x4', (2, 4, 1)), 16: ('4x4', (2, 2, 1)),
@@ -67,9 +71,8 @@ CUDNN_VERSION, CUDA_RUNTIME = (9, 7), (13, 0)
 
 def peak_flops(device_kind):
     """Dense bfloat16 FLOP/s of one device of jax's device_kind, None when unknown."""
-    exact = next((a.peak_flops for a in ACCELERATORS if a.device_kind == device_kind), None)
-    kind = device_kind.lower()
-    return exact or next((flops for name, flops in OTHER_PEAK_FLOPS if name in kind), None)
+    target = next((a.peak_flops for a in ACCELERATORS if a.device_kind == device_kind), None)
+    return target or PEAK_FLOPS.get(device_kind)
 
 
 def compute_capability(device):

@@ -7,6 +7,7 @@ https://github.com/openai/gpt-2/blob/master/src/model.py
 https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -207,31 +208,34 @@ class GPT(nn.Module):
         cfg = self.config
         B, T = idx.shape
         assert T <= cfg.block_size, f"Cannot forward sequence of length {T}, block size is only {cfg.block_size}"
-        if decode:
-            index = self.variable('cache', 'index', lambda: jnp.array(0, jnp.int32))
-            start = index.value
-            index.value = start + T
-        else:
-            start = 0
-        embed = partial(nn.Embed, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
-                        embedding_init=nn.initializers.normal(stddev=0.02))
-        wte = embed(cfg.vocab_size, cfg.n_embd, name='wte')
-        wpe = embed(cfg.block_size, cfg.n_embd, name='wpe')
-        # the lookup in float32 then cast, as nn.Embed's cast then lookup: the gradient sums in float32
-        tok_emb = take_tokens(wte.embedding, idx, platform(cfg)).astype(cfg.dtype)  # (B, T, C)
-        x = tok_emb + wpe(start + jnp.arange(T))  # (B, T, C)
-        x = Dropout(cfg.dropout)(x, deterministic)
-        # static_argnums counts self: deterministic, decode are Python bools
-        block = nn.remat(Block, static_argnums=(2, 3)) if cfg.remat else Block
-        for i in range(cfg.n_layer):
-            x = block(cfg, name=f'h_{i}')(x, deterministic, decode, start)
-        x = layer_norm(cfg, 'ln_f')(x)
-        if targets is None:
-            x = x[:, -1:, :]  # inference-time mini-optimization: only the last position
-        logits = wte.attend(x).astype(jnp.float32)  # lm_head tied to wte: (B, T, vocab_size)
-        if targets is None:
-            return logits, None
-        return logits, cross_entropy(logits, targets)
+        # float32 means float32 on GPUs and TPUs too, whose products otherwise take TF32 or bfloat16 passes
+        full_precision = cfg.dtype == 'float32' and platform(cfg) != 'cpu'
+        with jax.default_matmul_precision('float32') if full_precision else contextlib.nullcontext():
+            if decode:
+                index = self.variable('cache', 'index', lambda: jnp.array(0, jnp.int32))
+                start = index.value
+                index.value = start + T
+            else:
+                start = 0
+            embed = partial(nn.Embed, param_dtype=jnp.float32, embedding_init=nn.initializers.normal(stddev=0.02))
+            wte = embed(cfg.vocab_size, cfg.n_embd, dtype=jnp.dtype(cfg.dtype), name='wte')  # its attend computes in dtype
+            wpe = embed(cfg.block_size, cfg.n_embd, dtype=jnp.float32, name='wpe')
+            # the residual stream stays float32 whatever the compute dtype, as under nanoGPT's autocast: each
+            # block computes in dtype from its layer norm on, and adds its output to the float32 stream
+            tok_emb = take_tokens(wte.embedding, idx, platform(cfg))  # (B, T, C)
+            x = tok_emb + wpe(start + jnp.arange(T))  # (B, T, C)
+            x = Dropout(cfg.dropout)(x, deterministic)
+            # static_argnums counts self: deterministic, decode are Python bools
+            block = nn.remat(Block, static_argnums=(2, 3)) if cfg.remat else Block
+            for i in range(cfg.n_layer):
+                x = block(cfg, name=f'h_{i}')(x, deterministic, decode, start)
+            x = layer_norm(cfg, 'ln_f')(x)
+            if targets is None:
+                x = x[:, -1:, :]  # inference-time mini-optimization: only the last position
+            logits = wte.attend(x).astype(jnp.float32)  # lm_head tied to wte: (B, T, vocab_size)
+            if targets is None:
+                return logits, None
+            return logits, cross_entropy(logits, targets)
 
 
 def cross_entropy(logits, targets):

@@ -199,7 +199,10 @@ def test_mfu_and_the_peak_table():
     flops_per_iter = (6 * 124e6 + 12 * 12 * 12 * 64 * 1024) * 1024 * 480
     assert estimate_mfu(config, 124e6, 480, 1.5, 8 * 312e12) == pytest.approx(flops_per_iter / 1.5 / (8 * 312e12))
     kinds = {'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100 PCIe': 756e12, 'NVIDIA A100-SXM4-40GB': 312e12,
-             'NVIDIA GeForce RTX 4090': 165e12, 'TPU v5 lite': 197e12, 'TPU v4': 275e12, 'a new accelerator': None}
+             'NVIDIA H200': 989e12, 'NVIDIA B200': 2250e12, 'NVIDIA H20': 148e12, 'NVIDIA L4': 121e12,
+             'NVIDIA L40': 181e12, 'NVIDIA L40S': 362e12, 'NVIDIA GeForce RTX 4090': 165e12,
+             'AMD Instinct MI300X': 1307e12, 'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5': 459e12,
+             'TPU v6 lite': 918e12, 'a new accelerator': None}
     for kind, peak in kinds.items():
         assert tu.device_peak_flops(SimpleNamespace(platform='gpu', device_kind=kind)) == peak, kind
     cpu = SimpleNamespace(platform='cpu', device_kind='cpu')

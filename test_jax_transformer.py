@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_transformer import (GPT, GPTConfig, Dropout, init_params, count_params, crop_block_size, param_paths,
-                             flops_per_token, cpu_matmul, dropout_mask, sorted_take)
+                             param_shapes, flops_per_token, cpu_matmul, dropout_mask, sorted_take)
 
 TINY = GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=48, bias=True)
 
@@ -199,6 +199,34 @@ def test_bfloat16_compute_is_float32_to_bfloat16_precision(params):
     np.testing.assert_allclose(logits16, logits32, atol=0.05 * float(jnp.abs(logits32).max()))
     for (path, g16), (_, g32) in zip(param_paths(grads16), param_paths(grads32)):
         assert float(jnp.linalg.norm(g16 - g32)) < 0.05 * float(jnp.linalg.norm(g32)), path
+
+
+def test_bfloat16_keeps_the_residual_stream_float32(params):
+    """As under nanoGPT's autocast: each block computes in bfloat16 (its projections' outputs) and
+    adds its output to a float32 stream, which the next block's layer norm reads."""
+    idx = jnp.zeros((1, TINY.block_size), jnp.int32)
+    config = dataclasses.replace(TINY, dtype='bfloat16')
+    _, state = GPT(config).apply({'params': params}, idx, idx, capture_intermediates=True, mutable='intermediates')
+    blocks = state['intermediates']
+    assert blocks['wpe']['__call__'][0].dtype == jnp.float32  # the stream starts float32
+    assert all(blocks[f'h_{i}']['__call__'][0].dtype == jnp.float32 for i in range(config.n_layer))
+    assert blocks['h_0']['attn']['c_attn']['__call__'][0].dtype == jnp.bfloat16
+    assert blocks['h_0']['mlp']['c_proj']['__call__'][0].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize('platform, dtype, precision', [
+    ('tpu', 'float32', 'HIGHEST'), ('gpu', 'float32', 'HIGHEST'), ('tpu', 'bfloat16', 'DEFAULT'),
+    ('cpu', 'float32', 'DEFAULT')])
+def test_float32_means_float32_on_every_platform(platform, dtype, precision):
+    """GPUs and TPUs take float32 products as TF32 or bfloat16 passes unless told: the model's
+    products (projections, attention, lm_head) ask for full precision when the dtype is float32.
+    A CPU computes float32 exactly either way, and its program stays as it was."""
+    config = dataclasses.replace(TINY, dtype=dtype, platform=platform, attention='dense')
+    idx = jnp.zeros((2, TINY.block_size), jnp.int32)
+    text = jax.jit(lambda p: GPT(config).apply({'params': p}, idx, idx)[1]).lower(param_shapes(config)).as_text()
+    dots = [line for line in text.splitlines() if 'dot_general' in line]
+    assert len(dots) == 6 * config.n_layer + 1  # a layer's 4 projections, scores and output; the lm_head
+    assert all(f'precision = [{precision}, {precision}]' in line for line in dots), dots[0]
 
 
 def test_remat_gives_the_same_gradients(params):

@@ -253,6 +253,9 @@ n_params = count_params(state.params)
 print(f"number of parameters: {n_params / 1e6:.2f}M")
 if peak_flops == 0.0:
     peak_flops = tu.device_peak_flops(devices[0]) or 0.0
+    if not peak_flops and master_process:
+        print(f"note: the peak FLOP/s of a {devices[0].device_kind} is not known here, so no MFU is shown: "
+              f"set it with --peak_flops=")
 dropout_key = jax.random.fold_in(key, 1)
 
 # compile the steps now: a run that cannot fit in the devices' memory stops before any work
@@ -396,7 +399,8 @@ while True:
             fwdbwd_per_iter = batch_size * gradient_accumulation_steps
             mfu = estimate_mfu(model_config, n_params, fwdbwd_per_iter, dt, peak_flops * len(devices))
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-        print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {running_mfu * 100:.2f}%")
+        mfu_text = f"{running_mfu * 100:.2f}%" if peak_flops > 0 else "n/a"
+        print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}")
         write_metrics(iter=iter_num, loss=lossf, lr=float(get_lr(iter_num)), time_ms=dt * 1000,
                       mfu_percent=running_mfu * 100 if running_mfu >= 0 else None)
     # a diverged run stops before it can save; every process looks, so that all of them stop
