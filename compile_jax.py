@@ -205,6 +205,12 @@ def work(program, per, tokens, training):
                if training else ""))
     collectives = ', '.join(f"{n:,} {kind.replace('_', '-')}" for kind, n in sorted(costs.collectives.items()))
     print(f"  collectives: {collectives or 'none'}" + (f" ({costs.in_loop:,} inside loops)" if costs.in_loop else ""))
+    heaviest = sorted(costs.by_source.items(), key=lambda item: -item[1][1])[:20]
+    figures['sources'] = [dict(source=name, flops=f, hbm_bytes=b) for name, (f, b) in heaviest]
+    if training:
+        print("  most memory traffic, by the JAX code it comes from:")
+        for name, (f, b) in heaviest[:5]:
+            print(f"    {decimal(b, 'B'):>9} {decimal(f, 'FLOP'):>11}  {name}")
     return figures
 
 

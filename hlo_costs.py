@@ -52,6 +52,7 @@ class Costs:
     collective_bytes: float = 0.0  # what the collectives send and receive
     in_loop: int = 0  # collectives run inside a loop (e.g. once per micro-step)
     loops_uncounted: int = 0  # loops whose trip count could not be known: their bodies are counted once
+    by_source: dict = field(default_factory=dict)  # the JAX code a kernel comes from (source) -> [FLOPs, HBM bytes]
 
     def add(self, other, times=1):
         self.flops += times * other.flops
@@ -64,6 +65,10 @@ class Costs:
         self.collective_bytes += times * other.collective_bytes
         self.in_loop += times * other.in_loop
         self.loops_uncounted += other.loops_uncounted
+        for name, (flops, memory_bytes) in other.by_source.items():
+            mine = self.by_source.setdefault(name, [0.0, 0.0])
+            mine[0] += times * flops
+            mine[1] += times * memory_bytes
 
 
 def dot_flops(ins, shape_of):
@@ -228,6 +233,16 @@ def kernel_bytes(module, ins, shape_of, memory=False, done=None):
     return sum(sizes) + written_bytes(module, ins, memory)
 
 
+def source(ins):
+    """The JAX code an instruction comes from, by its op_name, the same for every layer and micro-step:
+    'transpose(jvp(GPT))/h_*/mlp/c_fc/dot_general' (the backward of a layer's c_fc), or its opcode."""
+    name = re.search(r'op_name="([^"]*)"', ins.attrs)
+    if not name:
+        return ins.opcode
+    name = re.sub(r'^jit\([^)]*\)/|(?:while/body/|closed_call/|checkpoint/|rematted_computation/)', '', name[1])
+    return re.sub(r'\bh_\d+\b', 'h_*', name)
+
+
 def collective_kind(opcode):
     return COLLECTIVES.get(opcode[:-len('-start')] if opcode.endswith('-start') else opcode)
 
@@ -264,17 +279,21 @@ class Analysis:
                 continue
             costs.kernels += 1
             costs.bytes += kernel_bytes(self.module, ins, shape_of, done=done.get(ins.name))
-            costs.memory_bytes += kernel_bytes(self.module, ins, shape_of, True, done.get(ins.name))
+            memory_bytes = kernel_bytes(self.module, ins, shape_of, True, done.get(ins.name))
+            costs.memory_bytes += memory_bytes
+            f = t = 0
             kind = collective_kind(ins.opcode)
             if kind:
                 costs.collectives[kind] = costs.collectives.get(kind, 0) + 1
                 costs.collective_bytes += sum(shape_bytes(shape_of(o)) for o in ins.operands)
             elif ins.opcode == 'fusion':
                 f, t = fused_flops(self.module, ins.called('calls'))
-                costs.flops, costs.transcendentals = costs.flops + f, costs.transcendentals + t
             else:
                 f, t = op_flops(ins, shape_of)
-                costs.flops, costs.transcendentals = costs.flops + f, costs.transcendentals + t
+            costs.flops, costs.transcendentals = costs.flops + f, costs.transcendentals + t
+            mine = costs.by_source.setdefault(source(ins), [0.0, 0.0])
+            mine[0] += f
+            mine[1] += memory_bytes
         self.static[computation] = costs
         return costs
 

@@ -232,18 +232,38 @@ class GPT(nn.Module):
             x = layer_norm(cfg, 'ln_f')(x)
             if targets is None:
                 x = x[:, -1:, :]  # inference-time mini-optimization: only the last position
-            logits = wte.attend(x).astype(jnp.float32)  # lm_head tied to wte: (B, T, vocab_size)
-            if targets is None:
-                return logits, None
-            return logits, cross_entropy(logits, targets)
+            logits = wte.attend(x)  # lm_head tied to wte: (B, T, vocab_size), in the compute dtype
+            loss = None if targets is None else cross_entropy(logits, targets)
+            return logits.astype(jnp.float32), loss
 
 
+@jax.custom_vjp
 def cross_entropy(logits, targets):
-    """Mean cross-entropy over the targets that are not -1, in float32."""
+    """Mean cross-entropy over the targets that are not -1, in float32 from logits of any dtype. Its
+    gradient, in the logits' dtype, is recomputed from the logits and each row's logsumexp: no
+    float32 copy of the (B, T, vocab_size) logits is kept for it, as autodiff of log_softmax keeps."""
+    return _cross_entropy_fwd(logits, targets)[0]
+
+
+def _cross_entropy_fwd(logits, targets):
     valid = targets != -1
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
+    logits32 = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits32, axis=-1)  # (B, T)
+    target_logits = jnp.take_along_axis(logits32, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    loss = jnp.sum((lse - target_logits) * valid) / jnp.maximum(jnp.sum(valid), 1)
+    return loss, (logits, lse, targets)
+
+
+def _cross_entropy_bwd(residuals, g):
+    logits, lse, targets = residuals
+    valid = targets != -1
+    scale = valid * g / jnp.maximum(jnp.sum(valid), 1)  # (B, T)
+    softmax = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    one_hot = jnp.arange(logits.shape[-1]) == targets[..., None]
+    return ((softmax - one_hot) * scale[..., None]).astype(logits.dtype), None
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 @partial(jax.jit, static_argnums=0)  # compiled: op by op, the first init of a model takes seconds
