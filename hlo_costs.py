@@ -239,7 +239,8 @@ def source(ins):
     name = re.search(r'op_name="([^"]*)"', ins.attrs)
     if not name:
         return ins.opcode
-    name = re.sub(r'^jit\([^)]*\)/|(?:while/body/|closed_call/|checkpoint/|rematted_computation/)', '', name[1])
+    name = re.sub(r'^jit\([^)]*\)/|(?:while/body/|closed_call/|checkpoint/|rematted_computation/|shard_map/)', '',
+                  name[1])
     return re.sub(r'\bh_\d+\b', 'h_*', name)
 
 

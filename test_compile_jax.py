@@ -45,20 +45,21 @@ def nanogpt_causal_flops(n_layer, n_embd, block_size, vocab_size, tokens):
 
 @needs_libtpu
 def test_a_tpu_slice(compile_env, tmp_path):
-    """Compiled for 4 TPU v5e chips: it fits, runs Pallas' flash attention, and the step's figures
+    """Compiled for 8 TPU v5e chips: it fits, runs Pallas' flash attention, and the step's figures
     are whole: FLOPs at least nanoGPT's formula, memory traffic, the bound and the MFU it allows,
     and the gradients averaged over the chips once, after the micro-steps."""
-    p, figures = compile_for('v5e-4', TINY, compile_env, tmp_path)
-    assert figures['devices'] == 4 and figures['hosts'] == 1 and figures['device_kind'] == 'TPU v5 lite'
+    p, figures = compile_for('v5e-8', TINY, compile_env, tmp_path)
+    assert figures['devices'] == 8 and figures['hosts'] == 1 and figures['device_kind'] == 'TPU v5 lite'
     assert figures['fits'] and figures['bytes_per_device']['total'] < figures['bytes_per_device']['capacity']
     assert figures['attention'] == ['flash']
-    tokens_per_device = 2 * 8 * 64 / 4
+    tokens_per_device = 2 * 8 * 64 / 8
     assert figures['flops'] >= nanogpt_causal_flops(2, 64, 64, 96, tokens_per_device)
     assert 0 < figures['hbm_bytes'] <= figures['bytes_accessed']
     assert figures['bound_ms'] > 0 and 0 < figures['mfu_bound'] <= 1
     assert figures['collectives']['all_reduce'] >= 1 and figures['collectives']['in_loop'] == 0
     assert figures['collectives']['all_gather'] == 0  # each chip its own rows, from the embedding on
     assert re.search(r'the training step: .* of the 15\.8 GiB of each TPU v5 lite: fits', p.stdout)
+    assert 'most memory traffic, by the JAX code it comes from:' in p.stdout
 
 
 @needs_libtpu
@@ -71,6 +72,16 @@ def test_a_multi_host_tpu_slice_with_fsdp(compile_env, tmp_path):
     assert sharded['devices'] == 16 and sharded['hosts'] == 4 and sharded['fits']
     assert sharded['bytes_per_device']['state'] < replicated['bytes_per_device']['state'] / 4
     assert sharded['collectives']['all_gather'] > replicated['collectives']['all_gather']
+
+
+@needs_cuda
+def test_eight_h100s_reduce_the_gradients_once(compile_env, tmp_path):
+    """nanoGPT's DDP on 8 GPUs: each its rows from the embedding on (no all-gather), and the
+    gradients averaged once a step, after the micro-steps."""
+    _, figures = compile_for('8xh100', TINY + ['--dtype=bfloat16'], compile_env, tmp_path)
+    assert figures['devices'] == 8 and figures['attention'] == ['cudnn']
+    collectives = figures['collectives']
+    assert collectives['all_reduce'] >= 1 and collectives['in_loop'] == 0 and collectives['all_gather'] == 0
 
 
 @needs_cuda
