@@ -147,17 +147,46 @@ def check_token_ids(path, vocab_size, vocab_from, chunk=1 << 24, max_chunks=16):
                 f"data was made with another vocabulary; prepare it again or choose the matching --dataset")
 
 
+class CodeInPickle(pickle.UnpicklingError):
+    """A pickle that names a class or function to call: one that can run any code."""
+
+
+class DataUnpickler(pickle.Unpickler):
+    """Builds what pickle writes without naming a class or function, all a prepare.py's meta.pkl
+    holds (nanoGPT's too): dicts, lists, tuples, sets, strings, bytes, numbers, booleans, None.
+    Anything else, an object whose unpickling would call os.system or eval included, is refused
+    before it is built."""
+
+    def find_class(self, module, name):
+        raise CodeInPickle(f"{module}.{name}")
+
+
+# what the keys of a meta.pkl hold, for the scripts that read them
+META_TYPES = {'vocab_size': 'an int', 'stoi': 'a dict of characters to ints', 'itos': 'a dict of ints to characters'}
+META_CHECKS = {'vocab_size': lambda v: type(v) is int and v > 0,
+               'stoi': lambda v: isinstance(v, dict) and all(type(c) is str and type(i) is int for c, i in v.items()),
+               'itos': lambda v: isinstance(v, dict) and all(type(i) is int and type(c) is str for i, c in v.items())}
+
+
 def read_meta(path, keys):
-    """The dict a prepare.py wrote to a dataset's meta.pkl, which must hold keys."""
+    """The dict a prepare.py wrote to a dataset's meta.pkl, which must hold keys (of META_TYPES),
+    read as data alone (DataUnpickler): a dataset shared by others cannot run code here."""
     try:
         with open(path, 'rb') as f:
-            meta = pickle.load(f)
+            meta = DataUnpickler(f).load()
+    except CodeInPickle as e:
+        die(f"{path} is not data alone: reading it would call {e}, which can run any code, so it was not read; "
+            f"prepare the dataset again, or ask whoever gave it to you")
     except Exception as e:  # unpickling a damaged file can raise almost anything
         die(f"cannot read {path} ({type(e).__name__}): prepare the dataset again")
     missing = [k for k in keys if not isinstance(meta, dict) or k not in meta]
     if missing:
         die(f"{path} has no {', '.join(missing)}: it was not written by a prepare.py of this "
             f"project; prepare the dataset again")
+    wrong = [k for k in keys if not META_CHECKS[k](meta[k])]
+    if wrong:
+        die(f"{path}: {wrong[0]} is not {META_TYPES[wrong[0]]}: it was not written by a prepare.py of this project; "
+            f"prepare the dataset again")
     return meta
 
 

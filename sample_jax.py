@@ -31,7 +31,7 @@ dtype = 'auto'  # 'float32' or 'bfloat16' compute ('auto': bfloat16 on GPU/TPU, 
 compile = False  # ignored: sampling is always compiled with XLA, once
 compilation_cache = '~/.cache/nanogpt_jax'  # compiled programs kept for the next run of the same shapes; '' turns it off
 # -----------------------------------------------------------------------------
-configure(globals(), sys.argv[1:])
+configure(globals(), sys.argv[1:], more_types={'stop': (list, tuple)})  # a config file may list the stops
 # -----------------------------------------------------------------------------
 if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")

@@ -183,6 +183,47 @@ def test_bad_input_stops_with_one_line_before_any_work(script, args, message, ba
     assert 'number of parameters' not in stdout
 
 
+class RunsCode:
+    """Unpickled, calls function(*args): how a pickle runs code."""
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize('how, called', [('os.system', 'posix.system'), ('builtins.eval', 'builtins.eval'),
+                                         ('deep in itos', 'posix.system')])
+def test_a_meta_pkl_that_would_run_code_is_not_read(how, called, data_root, reference, tmp_path, script_env):
+    """A shared dataset's meta.pkl that runs code when unpickled (through os.system, builtins.eval, or
+    an object deep inside itos) stops training and sampling with one line, exit code 2, before it
+    is built: the file it would have created is not there."""
+    made = tmp_path / 'made_by_the_pickle'
+    command = f'touch {made}'
+    evil = {'os.system': RunsCode(os.system, command),
+            'builtins.eval': RunsCode(eval, f"__import__('os').system({command!r})")}.get(how)
+    meta = pickle.loads((data_root / 'tiny' / 'meta.pkl').read_bytes())
+    if evil is None:
+        meta['itos'][3] = [{'deep': (RunsCode(os.system, command),)}]
+    else:
+        meta['extra'] = evil
+    root = tmp_path / 'data'
+    shutil.copytree(data_root / 'tiny', root / 'tiny')
+    (root / 'tiny' / 'meta.pkl').write_bytes(pickle.dumps(meta))
+    # a checkpoint of tiny whose dataset, for sampling, is this copy
+    out_dir = tmp_path / 'out'
+    shutil.copytree(reference[0], out_dir)
+    metadata = out_dir / '12' / 'meta' / 'metadata'
+    metadata.write_text(metadata.read_text().replace(str(data_root), str(root)))
+    expected = (f"error: {root}/tiny/meta.pkl is not data alone: reading it would call {called}, which can run any "
+                f"code, so it was not read; prepare the dataset again, or ask whoever gave it to you\n")
+    for script, args in (('train_jax.py', ARGS + [f'--data_root={root}', f'--out_dir={tmp_path / "new"}']),
+                         ('sample_jax.py', ['--device=cpu', f'--out_dir={out_dir}', '--max_new_tokens=5'])):
+        code, stdout, stderr = run(script, args, script_env)
+        assert (code, stderr) == (2, expected), (script, stderr)
+        assert not made.exists(), script
+
+
 # -----------------------------------------------------------------------------
 # interruption, divergence, determinism
 

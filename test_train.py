@@ -1,5 +1,6 @@
 """Tests of the command lines: configurator.py, train_jax.py, sample_jax.py and plot_jax.py end to
 end, torch_vs_jax_examples.py, and test_jax_transformer.py run as a script."""
+import glob
 import os
 import re
 import shutil
@@ -34,6 +35,35 @@ def test_overrides_parse_like_nanogpt(tmp_path):
     assert config == {'learning_rate': 1.0, 'batch_size': 32, 'compile': False, 'dataset': 'shakespeare_char',
                       'dtype': 'bfloat16'}
     assert type(config['learning_rate']) is float
+
+
+def test_every_config_file_sets_keys_of_their_types():
+    """The configs of config/ run as nanoGPT's (imports, computed values, one executing another)."""
+    from configurator import script_defaults
+    for path in sorted(glob.glob(os.path.join(REPO, 'config', '*.py'))):
+        config = script_defaults(os.path.join(REPO, 'train_jax.py'))
+        cwd = os.getcwd()
+        os.chdir(REPO)  # a config file may read another by its path in the repository, as nanoGPT's do
+        try:
+            configure(config, [path])
+        finally:
+            os.chdir(cwd)
+        assert type(config['batch_size']) is int and type(config['learning_rate']) is float, path
+
+
+@pytest.mark.parametrize('source, message', [
+    ("batch_sise = 64\n", "unknown config key 'batch_sise' (did you mean 'batch_size'?) in config file {path}"),
+    ("batch_size = '64'\n", "batch_size = '64' in config file {path}: expected a int like the default 12, got a str"),
+    ("import math\n_n = 4\nlearning_rate = math.sqrt(_n)\nmodel = dict(n_layer=_n)\n",
+     "unknown config key 'model' in config file {path}"),
+])
+def test_a_config_file_sets_config_keys_alone(tmp_path, script_env, source, message):
+    """A typo or a wrong type in a config file stops train_jax.py as on the command line, one line
+    and exit code 2 before any work; modules and names starting with _ are the file's own."""
+    path = tmp_path / 'cfg.py'
+    path.write_text(source)
+    p = run_script('train_jax.py', [str(path)], script_env, check=False)
+    assert (p.returncode, p.stderr) == (2, f"error: {message.format(path=path)}\n")
 
 
 # -----------------------------------------------------------------------------
