@@ -100,6 +100,10 @@ def test_shakespeare_char(tmp_path):
     assert all(meta['stoi'][ch] == i for i, ch in meta['itos'].items())
     decoded = ''.join(meta['itos'][int(i)] for i in np.concatenate([train, val]))
     assert decoded == text
+    # the bytes of nanoGPT's prepare.py, whose meta.pkl the scripts read (as data alone: checks.read_meta)
+    nanogpt_meta = {'vocab_size': 65, 'itos': {i: ch for i, ch in enumerate(chars)},
+                    'stoi': {ch: i for i, ch in enumerate(chars)}}
+    assert (out / 'meta.pkl').read_bytes() == pickle.dumps(nanogpt_meta)
 
 
 def test_shakespeare_bpe(tmp_path):
