@@ -25,7 +25,7 @@ from contextlib import nullcontext
 import numpy as np
 
 import checks
-from configurator import configure, die
+from configurator import configure, die, quiet_on_closed_pipe, script_defaults
 
 # -----------------------------------------------------------------------------
 batch_size = 12  # micro-batch size
@@ -60,7 +60,9 @@ sample = False  # instead of training: tokens/s of generate in one call, streame
 max_new_tokens = 500  # sample=True: tokens generated after a one-token prompt, batch of one
 stream_chunk = 8  # sample=True: tokens per device call when streamed, as sample_jax.py's
 # -----------------------------------------------------------------------------
-configure(globals(), sys.argv[1:])
+# train_jax.py's config files set keys of its own too
+configure(globals(), sys.argv[1:], other_keys=script_defaults(os.path.join(os.path.dirname(__file__), 'train_jax.py')))
+quiet_on_closed_pipe()  # its output piped to head, say
 # -----------------------------------------------------------------------------
 checks.check_dtype(dtype)
 CONTENDERS = ['jax', 'torch eager', 'torch compiled']
@@ -119,6 +121,7 @@ if 'jax' in contenders or sample:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     import jax_train_utils as tu
+    import memory
     from jax_transformer import GPT, GPTConfig, init_params, count_params, flops_per_token
     from jax_sampling import generate, generate_stream, sample_token
 
@@ -205,6 +208,12 @@ def jax_contender():
     t0 = time.perf_counter()
     step = tu.make_train_step(None, mesh).lower(state, x, y, key).compile()
     print(f"jax: compile {time.perf_counter() - t0:.2f} s, {count_params(params) / 1e6:.2f}M parameters")
+    # a step that cannot fit stops here, as train_jax.py's does, rather than when the kernel kills it
+    state_bytes = sum(getattr(a, 'nbytes', 0) for a in jax.tree.leaves(state))  # replicated: whole on each device
+    advice = memory.memory_advice('the training step', remat, False, attention, len(devices), False)
+    shortage = memory.memory_shortage(step, 'the training step', state_bytes, advice)
+    if shortage:
+        die(shortage, code=1)
     stats = step.memory_analysis()  # what the step allocates on each device, beyond the state
     compiled_bytes = len(devices) * (stats.argument_size_in_bytes + stats.temp_size_in_bytes
                                      + stats.output_size_in_bytes - stats.alias_size_in_bytes)

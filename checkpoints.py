@@ -254,14 +254,17 @@ METRICS_COLUMNS = ['iter', 'loss', 'train_loss', 'val_loss', 'lr', 'time_ms', 'm
                    'hellaswag_acc_norm']
 
 
-def metrics_writer(out_dir, keep_before):
-    """A function that appends one row to out_dir/metrics.csv, write(iter=..., loss=..., ...), numbers
+def metrics_writer(out_dir, keep_before, until_saved=False):
+    """(write, saved): write(iter=..., loss=..., ...) appends one row to out_dir/metrics.csv, numbers
     to 6 digits and None as an empty cell, and flushes it, so that a killed run keeps its rows. The
     file's rows at iterations before keep_before are kept and the later ones dropped: a run resumed
     at iteration keep_before writes those again, so its file ends as if the run had never stopped
     (0: a new file). That happens at the first row, so a run stopped before it (out of memory at
-    the first evaluation, say) leaves the file as it was."""
+    the first evaluation, say) leaves the file as it was. With until_saved (a run replacing
+    another's checkpoint) the rows go to metrics.unsaved.csv until saved() is called, after the
+    run's first checkpoint: the out_dir's metrics.csv stays the one of the checkpoint it holds."""
     path = os.path.join(out_dir, 'metrics.csv')
+    unsaved = os.path.join(out_dir, 'metrics.unsaved.csv') if until_saved else None
     file = None  # open for appending from the first row on
 
     def start():
@@ -269,12 +272,13 @@ def metrics_writer(out_dir, keep_before):
         if keep_before > 0 and os.path.exists(path):
             with open(path, newline='') as f:
                 rows = [row for row in csv.DictReader(f) if int(row['iter']) < keep_before]
-        with open(path + '.tmp', 'w', newline='') as f:  # replaced in one go: a kill cannot truncate it
+        target = unsaved or path
+        with open(target + '.tmp', 'w', newline='') as f:  # replaced in one go: a kill cannot truncate it
             writer = csv.DictWriter(f, METRICS_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(path + '.tmp', path)
-        return open(path, 'a', newline='')
+        os.replace(target + '.tmp', target)
+        return open(target, 'a', newline='')
 
     def write(**row):
         nonlocal file
@@ -283,7 +287,13 @@ def metrics_writer(out_dir, keep_before):
         csv.DictWriter(file, METRICS_COLUMNS).writerow(
             {k: f'{v:.6g}' if isinstance(v, float) else v for k, v in row.items()})
         file.flush()
-    return write
+
+    def saved():
+        nonlocal unsaved
+        if unsaved is not None and os.path.exists(unsaved):  # the open file goes on under its new name
+            os.replace(unsaved, path)
+        unsaved = None
+    return write, saved
 
 
 # -----------------------------------------------------------------------------

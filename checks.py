@@ -43,7 +43,7 @@ def check_train_config(config):
                 'eval_iters', 'join_timeout', 'process_timeout'):
         at_least(config, key, 1)
     for key in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay',
-                'grad_clip', 'hellaswag_interval'):
+                'grad_clip', 'hellaswag_interval', 'seed'):
         at_least(config, key, 0)
     for key in ('dropout', 'beta1', 'beta2'):
         in_unit_interval(config, key)
@@ -82,7 +82,21 @@ def read_text(path):
         die(f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
 
 
-def check_out_dir(out_dir):
+def check_hf_dir(hf_dir, overwrite):
+    """hf_dir can take a Hugging Face folder: it is new, or empty, or (with overwrite) one already,
+    which a new one replaces whole; it can be made, and takes new files."""
+    if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
+        die(f"hf_dir {hf_dir!r} is a file: choose another --hf_dir")
+    if os.path.isdir(hf_dir) and os.listdir(hf_dir):
+        if not os.path.exists(os.path.join(hf_dir, 'config.json')):
+            die(f"hf_dir {hf_dir!r} holds other files: choose another --hf_dir (a new or empty folder)")
+        if not overwrite:
+            die(f"hf_dir {hf_dir!r} already holds a Hugging Face model: choose another --hf_dir, or replace it "
+                f"with --overwrite=True")
+    check_out_dir(hf_dir, 'hf_dir')
+
+
+def check_out_dir(out_dir, key='out_dir'):
     """out_dir exists, or can be made, and takes new files: found out now rather than at the
     first checkpoint, an hour into training."""
     try:
@@ -90,7 +104,7 @@ def check_out_dir(out_dir):
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as e:
-        die(f"cannot write to out_dir {out_dir!r}: {e.strerror}: choose another --out_dir")
+        die(f"cannot write to {key} {out_dir!r}: {e.strerror}: choose another --{key}")
 
 
 # -----------------------------------------------------------------------------

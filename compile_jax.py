@@ -25,7 +25,7 @@ from functools import partial
 
 import accelerators
 import checks
-from configurator import configure, config_keys, die, or_die, script_defaults
+from configurator import configure, config_keys, die, or_die, script_defaults, quiet_on_closed_pipe
 
 # -----------------------------------------------------------------------------
 # train_jax.py's config keys and defaults, then this script's own
@@ -38,6 +38,7 @@ vocab_size = 0  # 0: the dataset's meta.pkl when it is prepared, else GPT-2's 50
 sample = True  # also compile sample_jax.py's programs, at its default num_samples and max_new_tokens
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
+quiet_on_closed_pipe()  # its output piped to head, say
 config = {k: globals()[k] for k in config_keys(globals())}
 # -----------------------------------------------------------------------------
 

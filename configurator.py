@@ -14,6 +14,8 @@ Any mistake stops the script with a one-line error and exit code 2, before any w
 
 import ast
 import difflib
+import os
+import signal
 import sys
 import types
 from ast import literal_eval
@@ -25,6 +27,13 @@ def die(message, code=2):
     """Stop the script with a one-line error and exit code 2 (a mistake in what it was given)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def quiet_on_closed_pipe():
+    """End the script without a word when what it prints goes to a pipe that was closed
+    (`python sample_jax.py | head -3`), as Unix tools do, instead of with a BrokenPipeError."""
+    if hasattr(signal, 'SIGPIPE'):  # not on Windows
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
 def or_die(f, *args):
@@ -47,21 +56,35 @@ def script_defaults(path):
     with open(path) as f:
         tree = ast.parse(f.read())
     defaults = {}
+    for node in config_section(tree):
+        try:
+            defaults[node.targets[0].id] = eval(compile(ast.Expression(node.value), path, 'eval'), {'__builtins__': {}})
+        except Exception:  # not computed from literals alone
+            continue
+    return {k: v for k, v in defaults.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)}
+
+
+def config_section(tree):
+    """The assignments of one name at the top of a script's syntax tree, before it calls configure."""
+    assignments = []
     for node in tree.body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and \
                 getattr(node.value.func, 'id', None) == 'configure':
             break
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                defaults[node.targets[0].id] = eval(compile(ast.Expression(node.value), path, 'eval'), {'__builtins__': {}})
-            except Exception:  # not computed from literals alone
-                continue
-    return {k: v for k, v in defaults.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)}
+            assignments.append(node)
+    return assignments
 
 
 def unknown_key(key, keys):
     close = difflib.get_close_matches(key, keys, n=1)
     return f"unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def a(type_):
+    """'an int', 'a float': a type's name with its article."""
+    name = type_.__name__
+    return f"an {name}" if name[0] in 'aeiou' else f"a {name}"
 
 
 def of_type(value, default, more_types=()):
@@ -79,15 +102,17 @@ def parse_value(key, text, default):
         value = text  # a plain string, e.g. --dataset=shakespeare_char
     typed = of_type(value, default)
     if typed is None:
-        die(f"--{key}={text}: expected a {type(default).__name__} like the default {default!r}, "
-            f"got a {type(value).__name__}")
+        die(f"--{key}={text}: expected {a(type(default))} like the default {default!r}, got {a(type(value))}")
     return typed
 
 
-def run_config_file(path, config_globals, more_types):
+def run_config_file(path, config_globals, more_types, other_keys):
     """Execute the config file in config_globals: Python, as in nanoGPT, which may import and compute
     what it needs (modules, functions and names starting with _ are its own), but whose other names
     must be config keys, of their defaults' types."""
+    script_dir = os.path.dirname(os.path.abspath(config_globals.get('__file__', '')))
+    if not os.path.exists(path) and os.path.exists(os.path.join(script_dir, path)):
+        path = os.path.join(script_dir, path)  # config/... of the script's folder, from anywhere
     try:
         with open(path) as f:
             source = f.read()
@@ -97,6 +122,8 @@ def run_config_file(path, config_globals, more_types):
     print(source)
     keys = config_keys(config_globals)
     defaults, before = {k: config_globals[k] for k in keys}, set(config_globals)
+    script_file = config_globals.get('__file__')
+    config_globals['__file__'] = path  # as in any Python file: a config file may find its neighbours by it
     try:
         exec(compile(source, path, 'exec'), config_globals)
     except Exception as e:
@@ -104,25 +131,47 @@ def run_config_file(path, config_globals, more_types):
         where = f"{path}, line {line}" if line else path
         message = e.msg if isinstance(e, SyntaxError) else e  # its str repeats the file and line
         die(f"config file {where}: {type(e).__name__}: {message}")
+    finally:
+        if script_file is None:
+            del config_globals['__file__']
+        else:
+            config_globals['__file__'] = script_file
     for name, value in list(config_globals.items()):
         if name.startswith('_') or isinstance(value, types.ModuleType) or callable(value):
             continue
         if name in defaults:
             typed = of_type(value, defaults[name], more_types.get(name, ()))
             if typed is None:
-                die(f"{name} = {value!r} in config file {path}: expected a {type(defaults[name]).__name__} like "
-                    f"the default {defaults[name]!r}, got a {type(value).__name__}")
+                die(f"{name} = {value!r} in config file {path}: expected {a(type(defaults[name]))} like the default "
+                    f"{defaults[name]!r}, got {a(type(value))}")
             config_globals[name] = typed
-        elif name not in before:
+        elif name not in before and name not in other_keys:
             die(f"{unknown_key(name, keys)} in config file {path}")
 
 
-def configure(config_globals, argv, more_types=None):
+def usage(script):
+    """The script's command line and config keys, each line of its config as the script has it:
+    key = default  # what it is."""
+    with open(script) as f:
+        source = f.read()
+    lines = source.splitlines()
+    keys = [lines[node.lineno - 1] for node in config_section(ast.parse(source))
+            if not node.targets[0].id.startswith('_')]
+    return (f"python {os.path.basename(script)} [config_file.py ...] [--key=value ...]: config files first, then "
+            f"overrides, in order; the keys and their defaults:\n" + '\n'.join(keys))
+
+
+def configure(config_globals, argv, more_types=None, other_keys=()):
     """Apply the config files and --key=value overrides of argv to config_globals. more_types:
-    {key: types} a config file may also give a key (a list where the command line takes a string)."""
+    {key: types} a config file may also give a key (a list where the command line takes a string);
+    other_keys: names a config file may set that the script does not use (bench_jax.py reads
+    train_jax.py's config files). --help (or -h) prints the script's keys and stops."""
+    if '--help' in argv or '-h' in argv:
+        print(usage(config_globals['__file__']))
+        sys.exit(0)
     for arg in argv:
         if not arg.startswith('--'):
-            run_config_file(arg, config_globals, more_types or {})
+            run_config_file(arg, config_globals, more_types or {}, other_keys)
             continue
         if '=' not in arg:
             die(f"{arg}: overrides are written --key=value")

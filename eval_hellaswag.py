@@ -10,7 +10,7 @@ import os
 import sys
 
 import checks
-from configurator import configure, die, or_die
+from configurator import configure, die, or_die, quiet_on_closed_pipe
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # either 'resume' (from an out_dir) or a gpt2 variant (e.g. 'gpt2-xl') or a Hugging Face GPT-2 folder
@@ -25,6 +25,7 @@ join_timeout = 300  # seconds for all the processes of a multi-host run to join 
 process_timeout = 60  # seconds without a sign of a process after which the others stop (as in train_jax.py)
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
+quiet_on_closed_pipe()  # its output piped to head, say
 # -----------------------------------------------------------------------------
 if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")

@@ -10,13 +10,14 @@ Needs PyTorch; the CPU wheel is enough.
 import os
 import sys
 
-from configurator import configure, die
+from configurator import configure, die, quiet_on_closed_pipe
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the checkpoint to export
 ckpt_dir = ''  # where to write ckpt.pt; '' is out_dir itself, where nanoGPT's train.py --init_from=resume looks
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
+quiet_on_closed_pipe()  # its output piped to head, say
 # -----------------------------------------------------------------------------
 ckpt_dir = ckpt_dir or out_dir
 ckpt_path = os.path.join(ckpt_dir, 'ckpt.pt')

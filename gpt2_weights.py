@@ -10,6 +10,7 @@ folder (export_hf.py). No PyTorch is needed: the safetensors files are read one 
 import contextlib
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -182,10 +183,20 @@ def from_pretrained(name_or_path):
 
 
 def save_pretrained(params, config, hf_dir):
-    """Write params as a Hugging Face GPT-2 folder: config.json and model.safetensors."""
+    """Write params as a Hugging Face GPT-2 folder, config.json and model.safetensors, complete or
+    not at all: into a new folder beside hf_dir, which then takes its place (a folder there is
+    replaced whole, none of its files left behind)."""
     from safetensors.numpy import save_file
-    os.makedirs(hf_dir, exist_ok=True)
+    path = os.path.abspath(hf_dir)
+    new, old = path + '.tmp', path + '.old'
+    for folder in (new, old):
+        shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(new)
     # transformers 4 refuses a safetensors file whose metadata does not name a framework it knows
-    save_file(params_to_hf(params, config), os.path.join(hf_dir, 'model.safetensors'), metadata={'format': 'pt'})
-    with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
+    save_file(params_to_hf(params, config), os.path.join(new, 'model.safetensors'), metadata={'format': 'pt'})
+    with open(os.path.join(new, 'config.json'), 'w') as f:
         json.dump(hf_config(config), f, indent=2)
+    if os.path.isdir(path) and os.listdir(path):
+        os.rename(path, old)
+    os.replace(new, path)  # over an empty folder too
+    shutil.rmtree(old, ignore_errors=True)

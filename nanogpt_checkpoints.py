@@ -74,7 +74,7 @@ def params_to_nanogpt(params):
     transformer.wte.weight; its AdamW moments are in this layout too."""
     state = {}
     for path, w in param_paths(params):
-        w = np.asarray(w, dtype=np.float32)
+        w = np.array(w, dtype=np.float32)  # a writable copy: torch.from_numpy warns of a read-only array
         state[hf_name(path)] = np.ascontiguousarray(w.T) if path[-1] == 'kernel' else w
     return state
 

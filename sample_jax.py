@@ -9,7 +9,7 @@ import os
 import sys
 
 import checks
-from configurator import configure, die, or_die
+from configurator import configure, die, or_die, quiet_on_closed_pipe
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # either 'resume' (from an out_dir) or a gpt2 variant (e.g. 'gpt2-xl') or a Hugging Face GPT-2 folder
@@ -30,8 +30,10 @@ device = 'cuda'  # 'cpu' forces the CPU; any other value uses the GPU/TPU when p
 dtype = 'auto'  # 'float32' or 'bfloat16' compute ('auto': bfloat16 on GPU/TPU, float32 on CPU)
 compile = False  # ignored: sampling is always compiled with XLA, once
 compilation_cache = '~/.cache/nanogpt_jax'  # compiled programs kept for the next run of the same shapes; '' turns it off
+data_root = ''  # the folder of the checkpoint's dataset, for its meta.pkl; '' the one it was trained with
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:], more_types={'stop': (list, tuple)})  # a config file may list the stops
+quiet_on_closed_pipe()  # its output piped to head, say
 # -----------------------------------------------------------------------------
 if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")
@@ -61,7 +63,9 @@ checkpoint, config, params = or_die(checkpoints.load_model, init_from, out_dir, 
 load_meta = False
 meta_path = None
 if init_from == 'resume' and 'config' in checkpoint and 'dataset' in checkpoint['config']:
-    meta_path = os.path.join(checkpoint['config'].get('data_root', 'data'), checkpoint['config']['dataset'], 'meta.pkl')
+    # training writes its data_root as an absolute path (older checkpoints: relative to where it ran)
+    root = data_root or checkpoint['config'].get('data_root', 'data')
+    meta_path = os.path.join(root, checkpoint['config']['dataset'], 'meta.pkl')
     load_meta = os.path.exists(meta_path)
 if not load_meta and config.vocab_size < 50257:  # GPT-2's encoding would give it ids it does not have
     die(f"the model has a vocab_size of {config.vocab_size}, too small for the GPT-2 encoding: " +

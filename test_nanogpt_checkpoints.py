@@ -287,6 +287,7 @@ def test_export_hands_a_resumed_run_back_to_nanogpt(resumed, script_env, tmp_pat
     shutil.copytree(resumed[0], out_dir)  # the fixture's files stay as they are, for the other tests
     p = run_script('export_nanogpt.py', [f'--out_dir={out_dir}'], script_env)
     assert f"wrote iter 12 of {out_dir} to {out_dir}/ckpt.pt" in p.stdout
+    assert 'Warning' not in p.stderr, p.stderr  # torch's of read-only NumPy arrays among them
     check_nanogpt_takes_it(out_dir / 'ckpt.pt', *restored_state(out_dir))
     manager = checkpoints.checkpoint_manager(out_dir, read_only=True)
     assert checkpoints.newest_nanogpt_checkpoint(manager) is None  # the same state: a resume here keeps this port's

@@ -81,7 +81,7 @@ BAD_INPUT = [
     # configuration
     ('train_jax.py', ['--bacth_size=4'], "unknown config key 'bacth_size' (did you mean 'batch_size'?)"),
     ('train_jax.py', ['--zzz=4'], "unknown config key 'zzz'"),
-    ('train_jax.py', ['--batch_size=2.5'], "--batch_size=2.5: expected a int like the default 12, got a float"),
+    ('train_jax.py', ['--batch_size=2.5'], "--batch_size=2.5: expected an int like the default 12, got a float"),
     ('train_jax.py', ['--compile=yes'], "--compile=yes: expected a bool like the default True, got a str"),
     ('train_jax.py', ['--batch_size'], "--batch_size: overrides are written --key=value"),
     ('train_jax.py', ['config/no_such_config.py'],
@@ -94,6 +94,7 @@ BAD_INPUT = [
      "learning_rate=-0.001 is not allowed: learning_rate must be 0 or more"),
     ('train_jax.py', TRAIN + ['--eval_iters=0'], "eval_iters=0 is not allowed: eval_iters must be 1 or more"),
     ('train_jax.py', TRAIN + ['--dropout=1.0'], "dropout=1.0 is not allowed: dropout must be at least 0 and below 1"),
+    ('train_jax.py', TRAIN + ['--seed=-1'], "seed=-1 is not allowed: seed must be 0 or more"),
     ('train_jax.py', TRAIN + ['--dtype=float64'], "unknown dtype 'float64': use 'float32', 'bfloat16' or 'auto'"),
     ('train_jax.py', TRAIN + ['--dtype=float16'], "dtype 'float16' needs loss scaling, which this port does not "
      "do: use --dtype=bfloat16 (GPU/TPU) or --dtype=float32"),
@@ -155,6 +156,12 @@ BAD_INPUT = [
      "vocabulary of {data}/tiny/meta.pkl: '~' '\u00e9': write it with the dataset's characters"),
     ('sample_jax.py', SAMPLE + ['--out_dir={empty}'],
      "no checkpoint in out_dir '{empty}': train one with train_jax.py, or point --out_dir at one"),
+    # exporting
+    ('export_hf.py', ['--out_dir={ref}', '--hf_dir={file}'], "hf_dir '{file}' is a file: choose another --hf_dir"),
+    ('export_hf.py', ['--out_dir={ref}', '--hf_dir={file}/hf'],
+     "cannot write to hf_dir '{file}/hf': Not a directory: choose another --hf_dir"),
+    ('export_hf.py', ['--out_dir={ref}', '--hf_dir={ref}'],
+     "hf_dir '{ref}' holds other files: choose another --hf_dir (a new or empty folder)"),
 ]
 
 
@@ -180,6 +187,87 @@ def test_bad_input_stops_with_one_line_before_any_work(script, args, message, ba
     expected = f"error: {message.format(**bad_input_paths)}\n"
     assert code == 2 and re.fullmatch(re.escape(expected).replace('…', r'[^\n]+'), stderr), stderr
     assert 'number of parameters' not in stdout
+
+
+def test_eval_only_evaluates_once_at_any_iteration_and_says_which_shape_it_keeps(reference, data_root, script_env):
+    """A checkpoint saved at an iteration that is not a multiple of eval_interval (any SIGTERM's) is
+    evaluated; shape keys that differ from the checkpoint's are said to be its own."""
+    code, stdout, stderr = run('train_jax.py', ARGS + [f'--data_root={data_root}', f'--out_dir={reference[0]}',
+                                                       '--init_from=resume', '--eval_only=True', '--eval_interval=5',
+                                                       '--n_layer=6', '--n_embd=64'], script_env)
+    assert code == 0, stderr[-3000:]
+    assert lines(stdout, 'step ') == lines(reference[1], 'step 12:') and not lines(stdout, 'iter ')
+    assert lines(stdout, 'note: ') == ["note: resuming the checkpoint's model, whose n_layer=2 (not 6), n_embd=32 "
+                                       "(not 64) are its own"]
+
+
+def test_wandb_without_a_login_stops_before_any_work(data_root, script_env, tmp_path):
+    env = {k: v for k, v in script_env.items() if not k.startswith('WANDB_')}
+    env.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path))  # no ~/.netrc, no wandb settings
+    code, stdout, stderr = run('train_jax.py', ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path / "out"}',
+                                                       '--wandb_log=True'], env)
+    assert code == 2 and re.fullmatch(r"error: wandb_log=True, but wandb cannot start \([^\n]+\): log in with `wandb "
+                                      r"login` or WANDB_API_KEY, or log offline with WANDB_MODE=offline\n", stderr), stderr
+    assert 'compiling' not in stdout and not lines(stdout, 'step ')
+
+
+def test_overwriting_keeps_the_metrics_of_the_checkpoint_kept(reference, data_root, script_env, tmp_path):
+    """A run replacing a checkpoint (--overwrite_checkpoint=True) that stops before its first save:
+    the checkpoint and its metrics.csv stay as they were; the run's rows are in metrics.unsaved.csv."""
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    before = file_hashes(tmp_path)
+    code, stdout, stderr = run('train_jax.py', ARGS + [f'--data_root={data_root}', f'--out_dir={tmp_path}',
+                                                       '--overwrite_checkpoint=True', '--max_iters=3',
+                                                       '--eval_interval=100'], script_env)
+    assert code == 0, stderr[-3000:]
+    assert {p: h for p, h in file_hashes(tmp_path).items() if p != 'metrics.unsaved.csv'} == before
+    assert [r[0] for r in metrics(tmp_path)] == [r[0] for r in metrics(reference[0])]
+    with open(tmp_path / 'metrics.unsaved.csv') as f:
+        assert [line.split(',')[0] for line in f][1:] == ['0', '0', '1', '2', '3']
+
+
+def test_export_hf_replaces_a_folder_whole_when_told(reference, script_env, tmp_path):
+    """Into an existing Hugging Face folder only with --overwrite=True, which leaves none of its files."""
+    hf_dir = tmp_path / 'hf'
+    run_script('export_hf.py', [f'--out_dir={reference[0]}', f'--hf_dir={hf_dir}'], script_env)
+    (hf_dir / 'generation_config.json').write_text('{}')  # as transformers' save_pretrained writes
+    before = file_hashes(hf_dir)
+    code, _, stderr = run('export_hf.py', [f'--out_dir={reference[0]}', f'--hf_dir={hf_dir}'], script_env)
+    assert (code, stderr) == (2, f"error: hf_dir '{hf_dir}' already holds a Hugging Face model: choose another "
+                                 f"--hf_dir, or replace it with --overwrite=True\n")
+    assert file_hashes(hf_dir) == before
+    run_script('export_hf.py', [f'--out_dir={reference[0]}', f'--hf_dir={hf_dir}', '--overwrite=True'], script_env)
+    assert sorted(os.listdir(hf_dir)) == ['config.json', 'model.safetensors']
+    assert sorted(os.listdir(tmp_path)) == ['hf']  # nothing left beside it
+
+
+def test_sampling_into_a_closed_pipe_stops_quietly(reference, script_env):
+    """sample_jax.py | head -3, as Unix tools do: no BrokenPipeError."""
+    p = start_script('sample_jax.py', ['--device=cpu', f'--out_dir={reference[0]}', '--max_new_tokens=200'],
+                     script_env)
+    head = [p.stdout.readline() for _ in range(3)]
+    p.stdout.close()
+    _, stderr = p.communicate(timeout=300)
+    assert len(head) == 3 and p.returncode in (0, -signal.SIGPIPE) and 'Error' not in stderr, stderr
+
+
+def test_help_lists_the_keys_with_their_defaults(script_env):
+    for script, line in (('train_jax.py', "batch_size = 12  # if gradient_accumulation_steps > 1, this is the "
+                                          "micro-batch size"),
+                         ('sample_jax.py', "top_k = 200  # retain only the top_k most likely tokens, clamp others to "
+                                           "have 0 probability")):
+        p = run_script(script, ['--help'], script_env)
+        assert line in p.stdout.splitlines() and 'number of parameters' not in p.stdout, p.stdout
+
+
+def test_bench_says_a_step_too_big_for_memory_before_running_it(script_env):
+    """bench_jax.py stops as train_jax.py does, rather than be killed by the kernel."""
+    code, stdout, stderr = run('bench_jax.py', ['config/train_shakespeare_char_cpu.py', '--vocab_size=50304',
+                                                '--block_size=2048', '--batch_size=4096', '--num_steps=1'],
+                               script_env)  # logits of 1.7 TB
+    assert code == 1 and re.fullmatch(r"error: the training step needs [\d,.]+ GiB of memory \(2 CPU devices x "
+                                      r"[\d,.]+ GiB\), more than the [\d,.]+ GiB available: try [^\n]+\n", stderr), stderr
+    assert 'ms/iter' not in stdout
 
 
 class RunsCode:

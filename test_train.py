@@ -53,7 +53,7 @@ def test_every_config_file_sets_keys_of_their_types():
 
 @pytest.mark.parametrize('source, message', [
     ("batch_sise = 64\n", "unknown config key 'batch_sise' (did you mean 'batch_size'?) in config file {path}"),
-    ("batch_size = '64'\n", "batch_size = '64' in config file {path}: expected a int like the default 12, got a str"),
+    ("batch_size = '64'\n", "batch_size = '64' in config file {path}: expected an int like the default 12, got a str"),
     ("import math\n_n = 4\nlearning_rate = math.sqrt(_n)\nmodel = dict(n_layer=_n)\n",
      "unknown config key 'model' in config file {path}"),
 ])
@@ -64,6 +64,41 @@ def test_a_config_file_sets_config_keys_alone(tmp_path, script_env, source, mess
     path.write_text(source)
     p = run_script('train_jax.py', [str(path)], script_env, check=False)
     assert (p.returncode, p.stderr) == (2, f"error: {message.format(path=path)}\n")
+
+
+def test_training_and_sampling_from_any_folder(tmp_path, script_env):
+    """From the clone's parent (config/... found beside the script, the CPU config finding the one it
+    builds on), data in a folder of the working directory; then sampling from yet another folder
+    finds the dataset's meta.pkl, the checkpoint holding its data_root as an absolute path, or where
+    --data_root says once the data moved."""
+    if not os.path.exists(SHAKESPEARE):
+        pytest.skip(f"offline data not found at {SHARED}")
+    here, elsewhere = tmp_path / 'here', tmp_path / 'elsewhere'
+    os.makedirs(here / 'data' / 'shakespeare_char')
+    os.makedirs(elsewhere)
+    shutil.copy(SHAKESPEARE, here / 'data' / 'shakespeare_char' / 'input.txt')
+    run_script('train_jax.py', ['config/train_shakespeare_char_cpu.py', '--data_root=data', '--out_dir=out',
+                                '--n_layer=1', '--n_embd=32', '--n_head=2', '--max_iters=2', '--eval_interval=2',
+                                '--eval_iters=2'], script_env, cwd=here)
+    sample = ['--device=cpu', f'--out_dir={here / "out"}', '--max_new_tokens=5', '--num_samples=1']
+    p = run_script('sample_jax.py', sample, script_env, cwd=elsewhere)
+    assert f"Loading meta from {here}/data/shakespeare_char/meta.pkl" in p.stdout
+    shutil.move(here / 'data', tmp_path / 'moved')
+    p = run_script('sample_jax.py', sample + [f'--data_root={tmp_path / "moved"}'], script_env, cwd=elsewhere)
+    assert f"Loading meta from {tmp_path}/moved/shakespeare_char/meta.pkl" in p.stdout
+
+
+def test_offline_without_the_input_one_line_names_the_command_that_works(tmp_path, script_env):
+    """Tiny Shakespeare neither downloaded (no network: a proxy that refuses) nor at hand."""
+    os.makedirs(tmp_path / 'shakespeare_char')
+    env = dict(script_env, https_proxy='http://127.0.0.1:9', http_proxy='http://127.0.0.1:9')
+    p = run_script('train_jax.py', ['config/train_shakespeare_char_cpu.py', f'--data_root={tmp_path}'], env,
+                   check=False)
+    data = tmp_path / 'shakespeare_char'
+    assert p.returncode == 2 and re.fullmatch(
+        rf"error: preparing shakespeare_char failed: cannot download \S+ \([^\n]+\); offline, put the file at "
+        rf"{re.escape(str(data))}/input.txt or prepare it with `python {re.escape(REPO)}/data/shakespeare_char/"
+        rf"prepare.py --input=PATH --out_dir={re.escape(str(data))}`\n", p.stderr), p.stderr
 
 
 # -----------------------------------------------------------------------------

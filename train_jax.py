@@ -143,8 +143,11 @@ if not os.path.exists(os.path.join(data_dir, 'train.bin')):
         checks.dataset_missing(data_root, dataset, prepare)
     if master_process:
         print(f"{data_dir}/train.bin not found, preparing it with {prepare}")
-        if subprocess.run([sys.executable, prepare, f'--out_dir={data_dir}']).returncode != 0:
-            die(f"preparing {dataset} failed")
+        prepared = subprocess.run([sys.executable, prepare, f'--out_dir={data_dir}'], stderr=subprocess.PIPE, text=True)
+        if prepared.returncode != 0:  # its own error line, with the command that gives it a local input
+            errors = [line[len('error: '):] for line in prepared.stderr.splitlines() if line.startswith('error: ')]
+            die(f"preparing {dataset} failed: " + (errors[-1] if errors else prepared.stderr.strip()[-300:]).replace(
+                'pass --input=PATH', f'prepare it with `python {prepare} --input=PATH --out_dir={data_dir}`'))
     multihost_utils.sync_global_devices('data prepared')
 for split in ('train', 'val'):
     checks.check_token_file(os.path.join(data_dir, f'{split}.bin'), block_size)
@@ -197,6 +200,10 @@ elif init_from == 'resume':
     # the rest of the attributes (e.g. dropout) can stay as desired from command line
     for k in ARCHITECTURE_KEYS:
         model_args[k] = checkpoint.meta['model_args'][k]
+    ignored = [k for k in ('n_layer', 'n_head', 'n_embd', 'bias') if config[k] != model_args[k]]
+    if ignored:
+        print("note: resuming the checkpoint's model, whose " +
+              ", ".join(f"{k}={model_args[k]} (not {config[k]})" for k in ignored) + " are its own")
     model_config = GPTConfig(**model_args)
     params = None  # restored below, with the optimizer state
     iter_num = checkpoint.meta['iter_num']
@@ -258,6 +265,15 @@ if peak_flops == 0.0:
               f"set it with --peak_flops=")
 dropout_key = jax.random.fold_in(key, 1)
 
+# logging: wandb starts before any work, so that a missing login stops the run at once
+if wandb_log and master_process:
+    import wandb
+    try:
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    except Exception as e:  # wandb's UsageError, CommError, ...: no login, no network
+        die(f"wandb_log=True, but wandb cannot start ({type(e).__name__}: {str(e).strip().splitlines()[0]}): log in "
+            f"with `wandb login` or WANDB_API_KEY, or log offline with WANDB_MODE=offline")
+
 # compile the steps now: a run that cannot fit in the devices' memory stops before any work
 memory_advice = lambda where: memory.memory_advice(where, remat, fsdp, attention, len(devices), init_from == 'resume')
 
@@ -307,14 +323,17 @@ def save_checkpoint():
     if master_process:
         print(f"saving checkpoint to {out_dir}")
     try:
+        # data_root as an absolute path: sampling finds the dataset's meta.pkl wherever it is started
         checkpoints.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
-                                                     'best_val_loss': best_val_loss, 'config': config})
+                                                     'best_val_loss': best_val_loss,
+                                                     'config': dict(config, data_root=os.path.abspath(data_root))})
     except OSError as e:
         processes.wait_for_lost_process()  # a save that fails on a multi-host run may be the sign of a lost process
         last = manager.latest_step()
         die(f"saving the checkpoint to {out_dir!r} failed: {e}; " +
             (f"the last complete checkpoint (iter {last}) is kept: fix that and resume with --init_from=resume"
              if last is not None else "no complete checkpoint is left"), code=1)
+    metrics_saved()
 
 
 def diverged(what):
@@ -325,15 +344,13 @@ def diverged(what):
          if last is not None else "no checkpoint was written"), code=1)
 
 
-# logging
-if wandb_log and master_process:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 # every log line and evaluation also goes to out_dir/metrics.csv, for plot_jax.py; a resumed run
 # continues the file from its checkpoint's iteration, an eval_only run leaves it alone
-write_metrics = lambda **row: None
+write_metrics, metrics_saved = lambda **row: None, lambda: None
 if master_process and not eval_only:
-    write_metrics = checkpoints.metrics_writer(out_dir, keep_before=iter_num if init_from == 'resume' else 0)
+    # a run replacing a checkpoint keeps the old metrics.csv, which is that checkpoint's, until its first save
+    write_metrics, metrics_saved = checkpoints.metrics_writer(
+        out_dir, keep_before=iter_num if init_from == 'resume' else 0, until_saved=overwrite_checkpoint)
 
 # training loop
 # the training batches are read and moved to the devices on a background thread, two ahead
@@ -346,7 +363,7 @@ stop_signals = processes.catch_stop_signals()  # SIGTERM, ^C: finish the iterati
 stop = 0
 while True:
     # evaluate the loss on train/val sets and write checkpoints
-    if iter_num % eval_interval == 0:
+    if iter_num % eval_interval == 0 or eval_only:  # eval_only evaluates once, at any iteration
         try:
             losses = estimate_loss()
         except jax.errors.JaxRuntimeError as e:

@@ -4,7 +4,8 @@
 #   --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0
 # as a config file. Reaches a val loss of about 1.88 at iter 2000.
 
-exec(open('config/train_shakespeare_char.py').read())
+import os
+exec(open(os.path.join(os.path.dirname(__file__), 'train_shakespeare_char.py')).read())  # from any folder
 
 device = 'cpu'
 compile = False
