@@ -25,6 +25,7 @@ from contextlib import nullcontext
 import numpy as np
 
 import checks
+import interrupts
 from configurator import configure, die, quiet_on_closed_pipe, script_defaults
 
 # -----------------------------------------------------------------------------
@@ -63,6 +64,7 @@ stream_chunk = 8  # sample=True: tokens per device call when streamed, as sample
 # train_jax.py's config files set keys of its own too
 configure(globals(), sys.argv[1:], other_keys=script_defaults(os.path.join(os.path.dirname(__file__), 'train_jax.py')))
 quiet_on_closed_pipe()  # its output piped to head, say
+interrupts.quit_on_signal()  # ^C or SIGTERM: one line, exit code 130 or 143, at once
 # -----------------------------------------------------------------------------
 checks.check_dtype(dtype)
 CONTENDERS = ['jax', 'torch eager', 'torch compiled']

@@ -1,11 +1,11 @@
 """
-What lives in a run's out_dir: the checkpoints (this port's orbax checkpoint, and nanoGPT's
-ckpt.pt when that is the newest), train.lock (one training run per out_dir) and metrics.csv (the
+What lives in a run's out_dir: the checkpoints (this port's orbax checkpoint, beside it the best
+one when a stop wrote it, and nanoGPT's ckpt.pt when that is the newest), train.lock (one training run per out_dir) and metrics.csv (the
 loss curves that plot_jax.py draws).
 
     manager = checkpoint_manager(out_dir)              # opening it for training removes unfinished saves
     save_checkpoint(manager, state, meta)              # meta: model_args, iter_num, best_val_loss, config
-    checkpoint = newest_checkpoint(manager)            # what a resume, sampling or an export reads
+    checkpoint = newest_checkpoint(manager)            # what a resume reads; best=True: sampling, export
     params = restore_params(manager, checkpoint, sharding)
 """
 
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import orbax.checkpoint as ocp
 
+import interrupts
 from gpt2_weights import from_pretrained
 from jax_transformer import GPTConfig, param_shapes
 from jax_train_utils import AdamWState, compiled_for, resolve_dtype, with_sharding
@@ -42,18 +43,23 @@ from nanogpt_checkpoints import NANOGPT_CHECKPOINT, read_nanogpt_checkpoint
 # writing this port's checkpoints
 
 def checkpoint_manager(out_dir, read_only=False):
-    """An orbax CheckpointManager keeping the latest checkpoint of out_dir. Each save is written
+    """An orbax CheckpointManager of out_dir's checkpoints (see save_checkpoint). Each save is written
     to a temporary folder and renamed when complete, and the previous one is deleted only then,
     so out_dir always holds a restorable checkpoint, even after a kill -9 during a save; the
     temporary folder such a kill leaves is deleted when the next training run opens out_dir, which
     it holds the lock of (see lock_out_dir). read_only (sampling, export, eval_only) creates and
     deletes nothing, so it leaves a save in progress alone."""
     # orbax's own clean-up runs in a thread that an early exit (a bad flag) would cut off mid-way
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, cleanup_tmp_directories=False)
+    options = ocp.CheckpointManagerOptions(create=not read_only, cleanup_tmp_directories=False)
     if not read_only:
-        for unfinished in pathlib.Path(out_dir).glob('*.orbax-checkpoint-tmp*'):
-            shutil.rmtree(unfinished, ignore_errors=True)
+        remove_unfinished_saves(out_dir)
     return ocp.CheckpointManager(os.path.abspath(out_dir), options=options)
+
+
+def remove_unfinished_saves(out_dir):
+    """Remove the temporary folders of saves that did not finish from out_dir."""
+    for unfinished in pathlib.Path(out_dir).glob('*.orbax-checkpoint-tmp*'):
+        shutil.rmtree(unfinished, ignore_errors=True)
 
 
 def error_reason(e):
@@ -85,13 +91,13 @@ def orbax_silenced():
         logger.disabled = False
 
 
-def save_checkpoint(manager, state, meta):
+def save_checkpoint(manager, state, meta, keep=None):
     """Save params, optimizer state and the JSON metadata (model_args, iter_num, best_val_loss,
-    config) as separate items, so sampling can read the params alone, and wait until the write is
-    complete. A run replacing the checkpoint another run left in out_dir may save at a lower or the
-    same iter_num: force saves below the latest step, and orbax deletes the old checkpoint once the
-    new one is complete; one at the very same iter_num must be deleted first, as orbax never writes
-    over a step.
+    config; 'stopped' for a stop's checkpoint kept beside the best, see best_step) as separate
+    items, so sampling can read the params alone, and wait until the write is complete; then delete
+    the other checkpoints but the one of step keep. A run replacing the checkpoint another run left
+    in out_dir may save at a lower or the same iter_num: force saves below the latest step; one at
+    the very same iter_num must be deleted first, as orbax never writes over a step.
     OSError with the reason in a few words when the write fails (a full disk, lost permissions, an
     I/O error): the unfinished folder is removed where possible and manager.latest_step() is the
     checkpoint out_dir still holds. With several processes, a write that fails on one fails on all:
@@ -105,7 +111,9 @@ def save_checkpoint(manager, state, meta):
                 params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
                 meta=ocp.args.JsonSave(meta)))
             manager.wait_until_finished()  # a failure shows now, not at the next save
-            return
+        for old in set(manager.all_steps()) - {step, keep}:
+            manager.delete(old)
+        return
     except Exception as e:  # orbax and tensorstore wrap the system's error in many kinds
         reason = error_reason(e)
     if jax.process_index() == 0:
@@ -161,10 +169,9 @@ def newest_nanogpt_checkpoint(manager):
     return path if os.path.isfile(path) and (saved is None or os.stat(path).st_mtime_ns > saved) else None
 
 
-def restore_latest(manager, args):
-    """manager.restore of the latest checkpoint; ValueError with a one-line message when it cannot
+def restore(manager, step, args):
+    """manager.restore of the checkpoint of step; ValueError with a one-line message when it cannot
     be read into args: written for another model or optimizer, or damaged."""
-    step = manager.latest_step()
     try:
         with orbax_silenced():
             return manager.restore(step, args=args)
@@ -175,22 +182,37 @@ def restore_latest(manager, args):
                      f"another model or optimizer, or is damaged; start again in another --out_dir")
 
 
-def newest_checkpoint(manager, with_optimizer=True, nanogpt=True):
+def newest_checkpoint(manager, with_optimizer=True, nanogpt=True, best=False):
     """The checkpoint a resume, sampling, evaluation or export of the manager's out_dir reads: with
     nanogpt, nanoGPT's ckpt.pt when it is newer than this port's latest checkpoint (or alone; its
-    weights are read now, and its optimizer with_optimizer), else this port's latest. ValueError
-    with a one-line message when out_dir holds none, or it cannot be read."""
+    weights are read now, and its optimizer with_optimizer), else this port's latest, or with best
+    the one a stop did not write (see best_step). ValueError with a one-line message when out_dir
+    holds none, or it cannot be read."""
     path = newest_nanogpt_checkpoint(manager) if nanogpt else None
     if path is not None:
         print(f"reading nanoGPT's checkpoint {path}")
         meta, params, optimizer = read_nanogpt_checkpoint(path, with_optimizer)
         return Checkpoint(meta, None, (params, optimizer))
-    step = manager.latest_step()
+    step = best_step(manager) if best else manager.latest_step()
     if step is None:
         raise ValueError(f"no checkpoint in out_dir {str(manager.directory)!r}: train one with train_jax.py, or "
                          f"point --out_dir at one")
-    meta = restore_latest(manager, ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    return Checkpoint(meta, step, None)
+    return Checkpoint(checkpoint_meta(manager, step), step, None)
+
+
+def checkpoint_meta(manager, step):
+    """The metadata (model_args, iter_num, best_val_loss, config) of the checkpoint of step."""
+    return restore(manager, step, ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+
+def best_step(manager, or_newest=True):
+    """The step of out_dir's best checkpoint, the one nanoGPT's ckpt.pt would hold: the newest that
+    a stop did not write beside it (with always_save_checkpoint=False, a stop keeps the checkpoint
+    of the best val loss and writes its own, to resume from), else (or_newest) the newest; None
+    when none."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    return next((step for step in steps if not checkpoint_meta(manager, step).get('stopped')),
+                steps[0] if steps and or_newest else None)
 
 
 def restore_params(manager, checkpoint, sharding):
@@ -199,7 +221,8 @@ def restore_params(manager, checkpoint, sharding):
         return jax.device_put(checkpoint.nanogpt[0], sharding)
     abstract_params = param_shapes(GPTConfig(**checkpoint.meta['model_args']))
     abstract_params = with_sharding(abstract_params, jax.tree.map(lambda _: sharding, abstract_params))
-    return restore_latest(manager, ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))['params']
+    return restore(manager, checkpoint.step, ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))[
+        'params']
 
 
 def restore_train_state(manager, checkpoint, abstract_state, sharding):
@@ -212,31 +235,34 @@ def restore_train_state(manager, checkpoint, abstract_state, sharding):
         opt_state = AdamWState(count=jnp.asarray(count), mu=mu, nu=nu)
     else:
         abstract_state = with_sharding(abstract_state, sharding)
-        restored = restore_latest(manager, ocp.args.Composite(
+        restored = restore(manager, checkpoint.step, ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state.params),
             opt_state=ocp.args.StandardRestore(abstract_state.opt_state)))
         params, opt_state = restored['params'], restored['opt_state']
     return jax.device_put(abstract_state.replace(step=step, params=params, opt_state=opt_state), sharding)
 
 
-def load_params(out_dir, sharding):
-    """(metadata, GPTConfig, params placed by sharding) of out_dir's newest checkpoint, for sampling,
-    evaluation and export. ValueError when there is none, or it cannot be read."""
+def load_params(out_dir, sharding, which='best'):
+    """(metadata, GPTConfig, params placed by sharding) of out_dir's best checkpoint (see best_step),
+    or with which='latest' its newest, for sampling, evaluation and export. ValueError when there is
+    none, or it cannot be read."""
+    if which not in ('best', 'latest'):
+        raise ValueError(f"checkpoint={which!r}: use 'best' or 'latest'")
     manager = checkpoint_manager(out_dir, read_only=True)
-    checkpoint = newest_checkpoint(manager, with_optimizer=False)
+    checkpoint = newest_checkpoint(manager, with_optimizer=False, best=which == 'best')
     return checkpoint.meta, GPTConfig(**checkpoint.meta['model_args']), restore_params(manager, checkpoint, sharding)
 
 
-def load_model(init_from, out_dir, mesh, dtype):
+def load_model(init_from, out_dir, mesh, dtype, which='best'):
     """(metadata, GPTConfig, params on every device of mesh) of the model that sampling or an
     evaluation runs on the mesh's devices, without dropout, computing in dtype ('auto' as
-    resolve_dtype takes it): out_dir's newest checkpoint when init_from is 'resume' (see
+    resolve_dtype takes it): out_dir's checkpoint `which` when init_from is 'resume' (see
     load_params), else one of OpenAI's GPT-2 or a Hugging Face GPT-2 folder (see
     gpt2_weights.from_pretrained), whose metadata is None. ValueError with a one-line message when
     there is no such model."""
     replicated = NamedSharding(mesh, P())
     if init_from == 'resume':
-        meta, config, params = load_params(out_dir, replicated)
+        meta, config, params = load_params(out_dir, replicated, which)
     else:
         meta, (config, params) = None, from_pretrained(init_from)
         params = jax.device_put(params, replicated)
@@ -387,6 +413,7 @@ def take_lock(out_dir):
             os.remove(path)
     threading.Thread(target=refresh, daemon=True).start()
     atexit.register(release)
+    interrupts.on_quit(release)  # a second ^C ends the run without atexit
     return release
 
 

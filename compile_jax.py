@@ -25,6 +25,7 @@ from functools import partial
 
 import accelerators
 import checks
+import interrupts
 from configurator import configure, config_keys, die, or_die, script_defaults, quiet_on_closed_pipe
 
 # -----------------------------------------------------------------------------
@@ -39,6 +40,7 @@ sample = True  # also compile sample_jax.py's programs, at its default num_sampl
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 quiet_on_closed_pipe()  # its output piped to head, say
+interrupts.quit_on_signal()  # ^C or SIGTERM: one line, exit code 130 or 143, at once
 config = {k: globals()[k] for k in config_keys(globals())}
 # -----------------------------------------------------------------------------
 
@@ -219,8 +221,8 @@ def work(program, per, tokens, training):
 lowered = or_die(tu.lowered_steps, state, state_sharding, mesh, fsdp, block_size, eval_layout, train_layout,
                  dropout_key)
 tokens = {'the training step': train_layout[0] * train_layout[1] // len(devices) * block_size,
-          'evaluation': eval_layout[0] * eval_layout[1] // len(devices) * block_size}
-per = {'the training step': 'per step', 'evaluation': f'per evaluation ({eval_iters} batches)'}
+          'evaluation': eval_layout[1] // len(devices) * block_size}
+per = {'the training step': 'per step', 'evaluation': f'per evaluation call ({eval_layout[0]} a split)'}
 figures = {}
 for where in ('the training step', 'evaluation'):
     program = compile_program(where, lowered[where].compile)

@@ -153,9 +153,9 @@ def pytest_addoption(parser):
 
 # the modules that take longest first (in that order, the others after them), so that the two
 # workers of pytest-xdist, each given a module when it is nearly done with its last, end together
-SLOWEST_MODULES = ['test_robustness', 'test_train', 'test_processes', 'test_nanogpt_checkpoints', 'test_gpt2_weights',
-                   'test_compile_jax', 'test_jax_sampling', 'test_hellaswag', 'test_jax_train_utils',
-                   'test_jax_transformer', 'test_data']
+SLOWEST_MODULES = ['test_robustness', 'test_train', 'test_processes', 'test_interrupts', 'test_nanogpt_checkpoints',
+                   'test_gpt2_weights', 'test_compile_jax', 'test_jax_sampling', 'test_hellaswag',
+                   'test_jax_train_utils', 'test_jax_transformer', 'test_data']
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,11 +10,13 @@ import os
 import sys
 
 import checks
+import interrupts
 from configurator import configure, die, or_die, quiet_on_closed_pipe
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # either 'resume' (from an out_dir) or a gpt2 variant (e.g. 'gpt2-xl') or a Hugging Face GPT-2 folder
 out_dir = 'out'  # ignored if init_from is not 'resume'
+which_checkpoint = 'best'  # of out_dir: 'best', that of the best val loss (nanoGPT's ckpt.pt), or 'latest', a stop's too
 data_root = 'data'  # the examples are data_root/hellaswag/hellaswag_val.jsonl
 batch_size = 8  # examples per step (4 rows each), split over the devices
 cpu_devices = 0  # on CPU, the JAX devices the cores become: 0 one per core (as batch_size splits), 1 turns it off
@@ -26,6 +28,7 @@ process_timeout = 60  # seconds without a sign of a process after which the othe
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 quiet_on_closed_pipe()  # its output piped to head, say
+interrupts.quit_on_signal()  # ^C or SIGTERM: one line, exit code 130 or 143, at once
 # -----------------------------------------------------------------------------
 if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")
@@ -48,7 +51,7 @@ tu.use_compilation_cache(compilation_cache)
 mesh = tu.make_mesh()
 
 # model: out_dir's newest checkpoint (this port's, or nanoGPT's ckpt.pt), or a GPT-2
-_, config, params = or_die(checkpoints.load_model, init_from, out_dir, mesh, dtype)
+_, config, params = or_die(checkpoints.load_model, init_from, out_dir, mesh, dtype, which_checkpoint)
 checks.check_hellaswag_vocab(config.vocab_size, enc)
 
 if master_process:

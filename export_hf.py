@@ -8,15 +8,18 @@ import os
 import sys
 
 import checks
+import interrupts
 from configurator import configure, die, or_die, quiet_on_closed_pipe
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the checkpoint to export
+which_checkpoint = 'best'  # of out_dir: 'best', that of the best val loss (nanoGPT's ckpt.pt), or 'latest', a stop's too
 hf_dir = 'out-hf'  # where to write config.json and model.safetensors: a new or empty folder
 overwrite = False  # if True, an existing Hugging Face folder at hf_dir is replaced, whole
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 quiet_on_closed_pipe()  # its output piped to head, say
+interrupts.quit_on_signal()  # ^C or SIGTERM: one line, exit code 130 or 143, at once
 # -----------------------------------------------------------------------------
 if not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")
@@ -32,7 +35,7 @@ tu.configure_devices('cpu', 1, [])  # the weights only pass through the host
 
 # this port's latest checkpoint, or nanoGPT's ckpt.pt when that is newer
 host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-checkpoint, config, params = or_die(checkpoints.load_params, out_dir, host)
+checkpoint, config, params = or_die(checkpoints.load_params, out_dir, host, which_checkpoint)
 try:
     save_pretrained(params, config, hf_dir)
 except OSError as e:

@@ -10,6 +10,7 @@ Needs PyTorch; the CPU wheel is enough.
 import os
 import sys
 
+import interrupts
 from configurator import configure, die, quiet_on_closed_pipe
 
 # -----------------------------------------------------------------------------
@@ -18,6 +19,7 @@ ckpt_dir = ''  # where to write ckpt.pt; '' is out_dir itself, where nanoGPT's t
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 quiet_on_closed_pipe()  # its output piped to head, say
+interrupts.quit_on_signal()  # ^C or SIGTERM: one line, exit code 130 or 143, at once
 # -----------------------------------------------------------------------------
 ckpt_dir = ckpt_dir or out_dir
 ckpt_path = os.path.join(ckpt_dir, 'ckpt.pt')

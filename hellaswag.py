@@ -86,12 +86,12 @@ def scorer(config, mesh):
     return jax.jit(partial(row_losses, config=config), out_shardings=(rows, rows))
 
 
-def evaluate(params, config, rows, mesh, batch_size):
+def evaluate(params, config, rows, mesh, batch_size, stopped=lambda: 0):
     """Score the examples of rows (process_rows) with the model (config, its params replicated over
     mesh, a 1-D mesh 'data'), batch_size examples a step (rounded up to a multiple of the device
     count), split over the devices. Returns the summed and the mean loss of every ending of this
     process's examples, (n, 4) each (every example's with one process), and over all processes acc,
-    acc_norm and count."""
+    acc_norm and count; None when stopped() says so after a step (every process asks it)."""
     tokens, mask, labels = rows['tokens'], rows['mask'], rows['labels']
     length = tokens.shape[-1]
     # every process takes the same number of steps of per_step examples, padded with empty ones
@@ -102,13 +102,15 @@ def evaluate(params, config, rows, mesh, batch_size):
 
     score = scorer(config, mesh)
     sums, counts = [], []
-    for step in tqdm(range(n_steps), desc='hellaswag', disable=jax.process_index() != 0):
+    for step in tqdm(range(n_steps), desc='hellaswag', disable=jax.process_index() != 0, delay=3, leave=False):
         batch = slice(step * per_step, (step + 1) * per_step)
         x, m = multihost_utils.host_local_array_to_global_array(
             (tokens[batch].reshape(-1, length), mask[batch].reshape(-1, length)), mesh, P('data'))
         s, c = multihost_utils.global_array_to_host_local_array(score(params, x, m), mesh, P('data'))
         sums.append(np.asarray(s))
         counts.append(np.asarray(c))
+        if stopped():
+            return None
     sum_loss = np.concatenate(sums).reshape(-1, N_ENDINGS)[:len(labels)]
     mean_loss = sum_loss / np.concatenate(counts).reshape(-1, N_ENDINGS)[:len(labels)]
 

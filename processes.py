@@ -7,8 +7,7 @@ command; jax's coordination service, which process 0 holds, connects them.
 
     init_distributed(join_timeout, process_timeout, out_dir)   # join, then watch the others
     check_same_everywhere(config, data_dir)                    # the same config and data everywhere
-    stop_signals = catch_stop_signals()
-    stop = stop_signal(stop_signals, iter_num, at_sync_point)  # SIGTERM, ^C, a TPU's preemption notice
+    stop = stop_signal(iter_num, at_sync_point)  # SIGTERM, ^C (see interrupts.py), a TPU's preemption notice
 
 When a process fails, the others stop with one line on stderr, each in bounded time:
 - a process that does not join within join_timeout seconds (never started, another
@@ -41,6 +40,7 @@ from jax._src import distributed  # the coordination service's client: its key-v
 from jax.experimental import multihost_utils
 
 import accelerators
+import interrupts
 
 
 KEYS = 'nanogpt_jax/'  # this program's entries in the coordination service's key-value store
@@ -104,6 +104,8 @@ def init_distributed(join_timeout, process_timeout, out_dir):
                                heartbeat_timeout_seconds=process_timeout)
     timer.cancel()
     run.update(process=jax.process_index(), processes=jax.process_count(), joined=True)
+    if run['processes'] > 1:  # its lines on a signal say which process got it
+        interrupts.watch['who'] = f"process {run['process']} of {run['processes']}: "
     if me is not None:
         leave(os.path.join(out_dir, JOINING), me)
     watch(process_timeout)
@@ -376,50 +378,49 @@ def stop_together(message, code):
     run['leaving'] = code
     sys.stdout.flush()
     os.write(2, f"error: {message}\n".encode())
-    client = distributed.global_state.client
-    client.key_value_set(f"{KEYS}left/{run['process']}", '1')
-    if run['process'] == 0:
-        try:
-            for p in range(1, run['processes']):
-                client.blocking_key_value_get(f"{KEYS}left/{p}", int(run['timeout'] * 1000 * 2))
-        except Exception:  # one is gone without a word: its loss is the judge's, not ours
-            pass
-    os._exit(code)
+    leave_together(code)
+
+
+def leave_together(code):
+    """End this process with code (see interrupts.exit_now), where all processes end together: each
+    tells the others, and process 0, whose exit ends the coordination service, leaves once all have
+    told; a process that then loses the service leaves quietly (see jax_aborted)."""
+    run['leaving'] = code
+    if jax.process_count() > 1:
+        client = distributed.global_state.client
+        client.key_value_set(f"{KEYS}left/{run['process']}", '1')
+        if run['process'] == 0:
+            try:
+                for p in range(1, run['processes']):
+                    client.blocking_key_value_get(f"{KEYS}left/{p}", int(run['timeout'] * 1000 * 2))
+            except Exception:  # one is gone without a word: its loss is the judge's, not ours
+                pass
+    interrupts.exit_now(code)
 
 
 # -----------------------------------------------------------------------------
 # stopping together: SIGTERM, ^C, a TPU's preemption notice
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def catch_stop_signals():
-    """From now on SIGTERM (a preempted machine) and SIGINT (^C) only ask training to stop: the
-    returned list receives the signal's number, and the loop saves a checkpoint after the current
-    iteration and exits. A second signal of the same kind acts at once, as it does by default."""
-    received = []
-    def handler(signum, frame):
-        received.append(signum)  # no printing here: the signal may have interrupted a print
-        signal.signal(signum, previous[signum])
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    return received
-
-
 def preempted(iter_num):
     """Whether every process has reached the iteration at which jax's preemption service has them
     all stop, in a multi-host run: it takes a Cloud TPU's preemption notice, and SIGTERM until
-    catch_stop_signals does. It must be asked at every iteration."""
+    interrupts.stop_at_safe_point does. It must be asked at every iteration."""
     return distributed.global_state.preemption_sync_manager is not None and \
         multihost_utils.reached_preemption_sync_point(iter_num)
 
 
-def stop_signal(received, iter_num, at_sync_point):
-    """The number of the stop signal received, 0 when none, at iteration iter_num. With several
-    processes all must stop at the same iteration, so they agree (the signal any of them received)
-    at sync points only; a TPU's preemption notice counts as SIGTERM."""
+def stop_signal(iter_num, at_sync_point):
+    """The number of the stop signal received (see interrupts.py), 0 when none, at iteration
+    iter_num. With several processes all must stop at the same iteration, so they agree (the signal
+    any of them received) at sync points only; a TPU's preemption notice counts as SIGTERM."""
     run['iter'] = iter_num
     if preempted(iter_num):
         return signal.SIGTERM
     if jax.process_count() > 1 and not at_sync_point:
         return 0
-    return max_over_processes(received[0] if received else 0)
+    return signal_received()
+
+
+def signal_received():
+    """The stop signal any process received, 0 when none; every process must ask at once."""
+    return max_over_processes(interrupts.requested())

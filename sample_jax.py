@@ -9,11 +9,13 @@ import os
 import sys
 
 import checks
+import interrupts
 from configurator import configure, die, or_die, quiet_on_closed_pipe
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # either 'resume' (from an out_dir) or a gpt2 variant (e.g. 'gpt2-xl') or a Hugging Face GPT-2 folder
 out_dir = 'out'  # ignored if init_from is not 'resume'
+which_checkpoint = 'best'  # of out_dir: 'best', that of the best val loss (nanoGPT's ckpt.pt), or 'latest', a stop's too
 start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
 num_samples = 10  # number of samples to draw
 max_new_tokens = 500  # number of tokens generated in each sample
@@ -34,6 +36,7 @@ data_root = ''  # the folder of the checkpoint's dataset, for its meta.pkl; '' t
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:], more_types={'stop': (list, tuple)})  # a config file may list the stops
 quiet_on_closed_pipe()  # its output piped to head, say
+interrupts.quit_on_signal()  # ^C or SIGTERM: one line, exit code 130 or 143, at once
 # -----------------------------------------------------------------------------
 if init_from == 'resume' and not os.path.isdir(out_dir):
     die(f"out_dir {out_dir!r} does not exist")
@@ -57,7 +60,7 @@ tu.use_compilation_cache(compilation_cache)
 mesh = tu.make_mesh()
 
 # model: out_dir's newest checkpoint (this port's, or nanoGPT's ckpt.pt), or a given GPT-2 model
-checkpoint, config, params = or_die(checkpoints.load_model, init_from, out_dir, mesh, dtype)
+checkpoint, config, params = or_die(checkpoints.load_model, init_from, out_dir, mesh, dtype, which_checkpoint)
 
 # look for the meta pickle in case it is available in the dataset folder
 load_meta = False

@@ -13,6 +13,7 @@ import random
 import subprocess
 import importlib.util
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import hellaswag
 from gpt2_weights import from_pretrained
 from conftest import REPO, SHARED, SHAKESPEARE, TIKTOKEN_CACHE, run_script, metrics, cpu_devices
+from test_interrupts import started, stop, answered, ended
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -193,6 +195,14 @@ def test_eval_script_on_two_devices(gpt2, data_root, torch_scores):
     assert 'scoring 12 examples on 2 device(s)' in lines
     assert f"hellaswag: acc {acc:.4f}, acc_norm {acc_norm:.4f} over 12 examples" in lines
     np.testing.assert_allclose(np.array(json.loads(lines[-1])), sums, rtol=0, atol=1e-4)
+
+
+def test_a_stop_while_scoring_is_one_line(gpt2, data_root, script_env):
+    p = started('eval_hellaswag.py', [f'--init_from={gpt2[0]}', f'--data_root={data_root}', '--compilation_cache='],
+                script_env)
+    sent = stop(p, signal.SIGINT, 'scoring 12 examples')
+    answered(p, sent, '^C received: stopped')
+    assert ended(p, 130, within=3) == ['^C received: stopped']
 
 
 def test_bad_inputs_stop_with_one_line(tmp_path, data_root, examples):

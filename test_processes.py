@@ -341,8 +341,8 @@ def test_the_first_difference_is_that_of_the_first_process_that_differs_from_pro
 def test_a_tpu_preemption_notice_stops_the_run_as_sigterm(monkeypatch):
     """Where jax's preemption service runs (a multi-host run; on a Cloud TPU it gets the notice),
     every process stops at the iteration at which it says they all meet."""
-    assert processes.stop_signal([], 7, at_sync_point=True) == 0  # one process: no preemption service
+    assert processes.stop_signal(7, at_sync_point=True) == 0  # one process: no preemption service
     monkeypatch.setattr(processes.distributed.global_state, 'preemption_sync_manager', object())
     monkeypatch.setattr(processes.multihost_utils, 'reached_preemption_sync_point', lambda step: step == 8)
-    assert processes.stop_signal([], 7, at_sync_point=True) == 0
-    assert processes.stop_signal([], 8, at_sync_point=False) == signal.SIGTERM
+    assert processes.stop_signal(7, at_sync_point=True) == 0
+    assert processes.stop_signal(8, at_sync_point=False) == signal.SIGTERM

@@ -136,7 +136,7 @@ def test_training_prepares_data_learns_and_logs_like_nanogpt(one_go, data_root):
     val = [float(s.split()[-1]) for s in steps]
     assert val[0] > 4.0 and val[2] < val[0] - 0.3  # starts near ln(65) = 4.17 and learns
     iters = lines(stdout, 'iter ')
-    assert len(iters) == 21 and re.fullmatch(r'iter 7: loss \d\.\d{4}, time \d+\.\d\dms, mfu -?\d+\.\d\d%', iters[7])
+    assert len(iters) == 21 and re.fullmatch(r'iter 7: loss \d\.\d{4}, time \d+\.\d\dms, mfu -?\d+\.\d\d%, \d+s left', iters[7])
     assert stdout.count('saving checkpoint') == 2  # at iter 10 and 20, never at 0
     # metrics.csv holds every evaluation and log line, with the learning rate, time and MFU
     rows = metrics(out_dir, ('iter', 'loss', 'train_loss', 'val_loss', 'lr', 'time_ms', 'mfu_percent'))

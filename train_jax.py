@@ -12,6 +12,9 @@ and on the second: the same with JAX_PROCESS_ID=1. Under SLURM, Open MPI or on a
 this is found out automatically.
 """
 
+import interrupts
+interrupts.quit_on_signal()  # ^C or SIGTERM end the run at once until it has something to save
+
 import dataclasses
 import math
 import os
@@ -91,8 +94,10 @@ checks.check_out_dir(out_dir)
 if hellaswag_interval:  # read now: a missing or damaged file stops the run before any work
     hellaswag_examples, gpt2_encoding = checks.hellaswag_examples(data_root), checks.gpt2_encoding()
 
+import numpy as np
 import jax
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 import checkpoints
 import hellaswag
@@ -163,6 +168,8 @@ def get_batch(split, iter_num, layout, stream):
 # init these up here, can override if init_from='resume' (i.e. from a checkpoint)
 iter_num = 0
 best_val_loss = 1e9
+best_step = None  # the iteration of the checkpoint of best_val_loss, which a stop keeps beside its own
+local_iter_num = 0  # number of iterations in the lifetime of this process
 
 # attempt to derive vocab_size from the dataset
 meta_path = os.path.join(data_dir, 'meta.pkl')
@@ -208,6 +215,7 @@ elif init_from == 'resume':
     params = None  # restored below, with the optimizer state
     iter_num = checkpoint.meta['iter_num']
     best_val_loss = checkpoint.meta['best_val_loss']
+    best_step = checkpoints.best_step(manager, or_newest=False)
 else:
     print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
     model_config, params = or_die(from_pretrained, init_from)
@@ -297,6 +305,13 @@ def compile_to_fit(where, lowered):
     return program
 
 
+if not eval_only:  # from now on a stop saves a checkpoint to resume from
+    interrupts.stop_at_safe_point("the compilation in progress")
+    if master_process:
+        interrupts.on_quit(lambda: checkpoints.remove_unfinished_saves(out_dir))  # a save a second ^C cut short
+if master_process:
+    print("compiling " + ("evaluation" if eval_only else "the training step and evaluation"), flush=True)
+compile_start = time.time()
 try:
     lowered = tu.lowered_steps(state, state_sharding, mesh, fsdp, block_size, eval_layout,
                                None if eval_only else train_layout, dropout_key)
@@ -305,28 +320,84 @@ except ValueError as e:  # an attention that cannot run here
 eval_step = compile_to_fit('evaluation', lowered['evaluation'])
 if not eval_only:
     train_step = compile_to_fit('the training step', lowered['the training step'])
+if master_process:
+    print(f"compiled in {time.time() - compile_start:.1f} s")
 
 
 def estimate_loss():
-    """Mean loss over eval_iters batches of each split, dropout off, on all devices."""
+    """Mean loss over eval_iters batches of each split, dropout off, on all devices; None when a stop
+    signal came first. A call a batch, one in flight, so that a stop waits for one batch only."""
     out = {}
-    for split, stream in tu.EVAL_STREAMS.items():
-        x, y = get_batch(split, iter_num, eval_layout, stream)
-        out[split] = float(eval_step(state, x, y))
+    with progress_bar(2 * eval_layout[0], f"step {iter_num}: evaluating", ' batches') as bar:
+        for split, stream in tu.EVAL_STREAMS.items():
+            data_path = os.path.join(data_dir, f'{split}.bin')
+            starts = tu.batch_starts(data_path, seed, iter_num, stream, eval_layout, block_size)
+            losses = []
+            for step in range(eval_layout[0]):
+                losses.append(eval_step(state, *tu.get_batch(mesh, data_path, starts[step:step + 1], block_size)))
+                jax.block_until_ready(losses[-2:-1])
+                bar.update()
+                if not eval_only and processes.signal_received():
+                    return None
+            out[split] = float(np.mean([float(loss) for loss in losses]))
     return out
 
 
-def save_checkpoint():
-    """Write the state at iter_num, never a diverged one: the last good checkpoint stays."""
+def first_iter_seconds():
+    """About how long the first iteration takes, from the evaluation before it (a forward pass is
+    about a third of a training step's work), or None without one."""
+    rows_evaluated = 2 * eval_iters * batch_size
+    return 3 * eval_seconds / rows_evaluated * gradient_accumulation_steps * batch_size if eval_seconds else None
+
+
+def stop_after_the_iteration():
+    """A stop from now on waits for the next iteration to end: about how long it takes (None: not known)."""
+    expected = iter_seconds or first_iter_seconds()
+    interrupts.stop_at_safe_point("the iteration in progress" + (f" (about {duration(expected)})" if expected else ""))
+    return expected
+
+
+def wait_showing_progress(loss, expected):
+    """Wait for the iteration's step to end, with a bar on stderr once it has run for a few seconds:
+    the seconds so far, of about expected (None: not known yet)."""
+    start = time.time()
+    shown = '{desc}: {n} s of about {total} s' if expected else '{desc}: {n} s'
+    with progress_bar(round(expected) if expected else None, f"iter {iter_num}", 's', shown) as bar:
+        while not loss.is_ready():
+            time.sleep(0.25)
+            bar.update(int(time.time() - start) - bar.n)
+
+
+def duration(seconds):
+    """seconds as '1h02m', '3m05s' or '12s'."""
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def progress_bar(total, desc, unit, bar_format=None):
+    """A progress bar on stderr (process 0's), shown once the work has taken a few seconds; less often
+    into a log than on a terminal."""
+    return tqdm(total=total, desc=desc, unit=unit, bar_format=bar_format, delay=3, leave=False,
+                disable=not master_process, mininterval=0.5 if sys.stderr.isatty() else 10, file=sys.stderr)
+
+
+def save_checkpoint(stopping=False):
+    """Write the state at iter_num, never a diverged one: the last good checkpoint stays. With
+    always_save_checkpoint=False the checkpoint a stop writes is kept beside the best one."""
+    global best_step
     if not tu.all_finite(state.params):
         diverged("the parameters are not finite")
     if master_process:
         print(f"saving checkpoint to {out_dir}")
+    # data_root as an absolute path: sampling finds the dataset's meta.pkl wherever it is started
+    meta = {'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+            'config': dict(config, data_root=os.path.abspath(data_root))}
+    beside_best = stopping and not always_save_checkpoint
     try:
-        # data_root as an absolute path: sampling finds the dataset's meta.pkl wherever it is started
-        checkpoints.save_checkpoint(manager, state, {'model_args': model_args, 'iter_num': iter_num,
-                                                     'best_val_loss': best_val_loss,
-                                                     'config': dict(config, data_root=os.path.abspath(data_root))})
+        checkpoints.save_checkpoint(manager, state, dict(meta, stopped=True) if beside_best else meta,
+                                    keep=best_step if beside_best else None)
+        best_step = best_step if beside_best else iter_num
     except OSError as e:
         processes.wait_for_lost_process()  # a save that fails on a multi-host run may be the sign of a lost process
         last = manager.latest_step()
@@ -334,6 +405,18 @@ def save_checkpoint():
             (f"the last complete checkpoint (iter {last}) is kept: fix that and resume with --init_from=resume"
              if last is not None else "no complete checkpoint is left"), code=1)
     metrics_saved()
+
+
+def stop_for(signum):
+    """Stop the run on the stop signal signum: save a checkpoint to resume from (unless out_dir holds
+    this iteration's already) and exit with 128 + signum, as a shell reports a process killed by it."""
+    if master_process:
+        print(f"{signal.Signals(signum).name} received: stopping at iter {iter_num}")
+    if not (local_iter_num == 0 and init_from == 'resume' and manager.latest_step() == iter_num):
+        save_checkpoint(stopping=True)
+    if wandb_log and master_process:
+        wandb.finish()
+    processes.leave_together(128 + signum)
 
 
 def diverged(what):
@@ -357,17 +440,24 @@ if master_process and not eval_only:
 train_batches = tu.prefetch(lambda it: get_batch('train', it, train_layout, tu.TRAIN_STREAM), iter_num)
 t0 = time.time()
 iters_timed = 0  # iterations since t0
-local_iter_num = 0  # number of iterations in the lifetime of this process
 running_mfu = -1.0
-stop_signals = processes.catch_stop_signals()  # SIGTERM, ^C: finish the iteration, save, exit (a TPU's notice too)
-stop = 0
+iter_seconds, eval_seconds = None, 0.0  # the last log's time per iteration, the last evaluation's
+if not eval_only and processes.signal_received():  # during the compilation
+    stop_for(processes.signal_received())
 while True:
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0 or eval_only:  # eval_only evaluates once, at any iteration
+        if not eval_only:
+            interrupts.stop_at_safe_point("the evaluation batch in progress")
+        eval_start = time.time()
         try:
             losses = estimate_loss()
         except jax.errors.JaxRuntimeError as e:
             out_of_memory(e, 'evaluation')
+        if losses is None:
+            stop_for(processes.signal_received())
+        eval_seconds = time.time() - eval_start
+        stop_after_the_iteration()
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             write_metrics(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'],
@@ -384,7 +474,12 @@ while True:
         t0, iters_timed = time.time(), 0  # time the training iterations only
     if hellaswag_interval and iter_num % hellaswag_interval == 0:
         # a micro-batch's rows a step: 4 rows an example, each as long as its context and ending
-        scores = hellaswag.evaluate(state.params, model_config, hellaswag_rows, mesh, max(1, batch_size // 4))
+        interrupts.stop_at_safe_point("the HellaSwag batch in progress")
+        scores = hellaswag.evaluate(state.params, model_config, hellaswag_rows, mesh, max(1, batch_size // 4),
+                                    stopped=processes.signal_received)
+        if scores is None:
+            stop_for(processes.signal_received())
+        stop_after_the_iteration()
         if master_process:
             print(f"step {iter_num}: hellaswag acc_norm {scores['acc_norm']:.4f}, acc {scores['acc']:.4f} "
                   f"({scores['count']:,} examples)")
@@ -396,9 +491,12 @@ while True:
         break
 
     # one jitted step runs all the micro-steps, the gradient accumulation and the update
+    expected = stop_after_the_iteration()
     try:
         x, y = next(train_batches)
         state, loss = train_step(state, x, y, dropout_key)
+        if master_process and (iter_seconds or 3) >= 3:  # a long iteration shows how long it has run
+            wait_showing_progress(loss, expected)
         if one_step_in_flight or local_iter_num == 0:  # a step too big for memory fails by the end of the first
             jax.block_until_ready(loss)
     except jax.errors.JaxRuntimeError as e:
@@ -410,14 +508,16 @@ while True:
         lossf = float(loss)  # waits for the device: the mean loss over this iteration's micro-steps
     if iter_num % log_interval == 0 and master_process:
         t1 = time.time()
-        dt = (t1 - t0) / iters_timed  # mean time per iteration since the last log
+        dt = iter_seconds = (t1 - t0) / iters_timed  # mean time per iteration since the last log
         t0, iters_timed = t1, 0
+        evals_left = max_iters // eval_interval - iter_num // eval_interval
+        time_left = (max_iters - iter_num) * dt + evals_left * eval_seconds
         if local_iter_num >= 5 and peak_flops > 0:  # let the training loop settle a bit
             fwdbwd_per_iter = batch_size * gradient_accumulation_steps
             mfu = estimate_mfu(model_config, n_params, fwdbwd_per_iter, dt, peak_flops * len(devices))
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         mfu_text = f"{running_mfu * 100:.2f}%" if peak_flops > 0 else "n/a"
-        print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}")
+        print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}, {duration(time_left)} left")
         write_metrics(iter=iter_num, loss=lossf, lr=float(get_lr(iter_num)), time_ms=dt * 1000,
                       mfu_percent=running_mfu * 100 if running_mfu >= 0 else None)
     # a diverged run stops before it can save; every process looks, so that all of them stop
@@ -427,14 +527,9 @@ while True:
     local_iter_num += 1
 
     # termination conditions
+    stop = processes.stop_signal(iter_num, iter_num % log_interval == 0 or iter_num > max_iters)
+    if stop:
+        stop_for(stop)
     if iter_num > max_iters:
         break
-    stop = processes.stop_signal(stop_signals, iter_num, iter_num % log_interval == 0)
-    if stop:
-        if master_process:
-            print(f"{signal.Signals(stop).name} received: stopping at iter {iter_num}")
-        save_checkpoint()
-        break
-
-if stop:
-    sys.exit(128 + stop)  # what a shell reports for a process killed by the signal
+interrupts.quit_on_signal()  # the run is over: a stop now has nothing to wait for

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from configurator import die  # noqa: E402
 from checks import gpt2_encoding  # noqa: E402,F401  the prepare scripts' tokenizer
+from interrupts import quit_on_signal  # noqa: E402,F401  a prepare script's ^C: one line, exit code 130
 
 
 def download(url, path):

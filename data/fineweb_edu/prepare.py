@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from inputs import die, gpt2_encoding, input_files, check_documents, document_text  # noqa: E402
+from inputs import die, gpt2_encoding, input_files, check_documents, document_text, quit_on_signal  # noqa: E402
 
 VAL_EVERY = 1000  # document i is in val when i % VAL_EVERY == 0
 CHUNK_DOCS = 1024  # documents read, and handed to the worker pool, at a time
@@ -124,6 +124,7 @@ def prepare(input_path=None, subset='sample-10BT', out_dir=None, num_proc=1, buf
 
 
 if __name__ == '__main__':
+    quit_on_signal()  # ^C or SIGTERM: one line, exit code 130 or 143
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument('--input', default=None, help="local parquet or JSON lines file with a 'text' in each row, or a folder of them (default: stream FineWeb-Edu from the hub)")
     parser.add_argument('--subset', default='sample-10BT', help="the subset of FineWeb-Edu to stream from the hub (default: sample-10BT)")

@@ -13,7 +13,7 @@ import argparse
 import shutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from inputs import download  # noqa: E402
+from inputs import download, quit_on_signal  # noqa: E402
 from checks import read_hellaswag  # noqa: E402  (inputs put the repo root on sys.path)
 
 DATA_URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
@@ -37,6 +37,7 @@ def prepare(input_path=None, out_dir=None):
 
 
 if __name__ == '__main__':
+    quit_on_signal()  # ^C or SIGTERM: one line, exit code 130 or 143
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument('--input', default=None, help="a local copy of hellaswag_val.jsonl (default: download it)")
     parser.add_argument('--out_dir', default=None, help="where to write hellaswag_val.jsonl (default: next to this script)")

@@ -23,7 +23,7 @@ from datasets import load_dataset  # huggingface datasets
 from datasets.exceptions import DatasetGenerationError
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from inputs import die, gpt2_encoding, input_files, check_documents  # noqa: E402
+from inputs import die, gpt2_encoding, input_files, check_documents, quit_on_signal  # noqa: E402
 
 # number of worker processes for load_dataset() and .map(); ~ number of cpu cores // 2
 num_proc = max(1, (os.cpu_count() or 2) // 2)
@@ -118,6 +118,7 @@ def prepare(input_path=None, out_dir=None):
 
 
 if __name__ == '__main__':
+    quit_on_signal()  # ^C or SIGTERM: one line, exit code 130 or 143
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument('--input', default=None, help="local JSON lines with a 'text' in each, or a folder of .txt files (default: download openwebtext)")
     parser.add_argument('--out_dir', default=None, help="where to write train.bin/val.bin (default: next to this script)")

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from inputs import gpt2_encoding  # noqa: E402
+from inputs import gpt2_encoding, quit_on_signal  # noqa: E402
 from tiny_shakespeare import read_text  # noqa: E402
 
 
@@ -36,6 +36,7 @@ def prepare(input_path=None, out_dir=None):
 
 
 if __name__ == '__main__':
+    quit_on_signal()  # ^C or SIGTERM: one line, exit code 130 or 143
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument('--input', default=None, help="local input.txt (default: input.txt in out_dir, downloaded if missing)")
     parser.add_argument('--out_dir', default=None, help="where to write train.bin/val.bin (default: next to this script)")
