@@ -3,7 +3,8 @@ A much shorter version of train_jax.py for benchmarking, like nanoGPT's bench.py
 training iteration (batch sampling, all micro-steps and the AdamW update, as train_jax.py runs it)
 and prints compile time, ms/iter (median), tokens/s and MFU.
 
-$ python bench_jax.py config/train_shakespeare_char_cpu.py --compare_torch=True   # nanoGPT's CPU model
+$ python bench_jax.py config/train_shakespeare_char_cpu.py --compare_torch=True --nanogpt_dir=../nanoGPT
+  # nanoGPT's CPU config, beside nanoGPT's own model.py trained as its train.py does
 $ python bench_jax.py --compare_torch=True        # GPT-2 124M, batch 12 x 1024, bf16 on a GPU
 $ python bench_jax.py --sample=True --device=cpu  # generate in one call, streamed, and without the key/value cache
 $ python bench_jax.py config/train_shakespeare_char_cpu.py --profile=True  # trace + top XLA ops
@@ -12,6 +13,7 @@ $ python bench_jax.py config/train_shakespeare_char_cpu.py --compare_torch=True 
 """
 import glob
 import gzip
+import importlib.util
 import json
 import os
 import re
@@ -53,10 +55,13 @@ peak_flops = 0.0  # peak FLOP/s of one device, for MFU; 0.0: look it up (GPU/TPU
 profile = False  # write a jax.profiler trace of the timed steps to profile_dir, print the top ops
 profile_dir = 'bench_trace'
 profile_ops = 25  # rows of the profile's table of the most expensive ops
-compare_torch = False  # also time transformers' GPT2LMHeadModel, eager and torch.compile, interleaved
+compare_torch = False  # also time a PyTorch model of the same shape, eager and torch.compile, interleaved
+torch_model = 'nanoGPT'  # compare_torch's: 'nanoGPT' (nanogpt_dir's model.py, as its train.py trains it) or 'transformers'
+nanogpt_dir = '../nanoGPT'  # a nanoGPT checkout: git clone https://github.com/karpathy/nanoGPT
 points = ''  # 'TxB,TxB,...': time each (block_size x batch_size) point, each contender in a process of its own
 rounds = 2  # with points or sample: the timed runs of each contender (at each point), alternated with the others'
-only = ''  # time one contender alone: 'jax', 'torch eager' or 'torch compiled' (points runs each so)
+only = ''  # time these contenders alone, separated by commas: 'jax', 'nanoGPT eager', 'nanoGPT compiled',
+# 'transformers eager', 'transformers compiled' (points runs each in a process of its own)
 sample = False  # instead of training: tokens/s of generate in one call, streamed, and without the key/value cache
 max_new_tokens = 500  # sample=True: tokens generated after a one-token prompt, batch of one
 stream_chunk = 8  # sample=True: tokens per device call when streamed, as sample_jax.py's
@@ -67,12 +72,17 @@ quiet_on_closed_pipe()  # its output piped to head, say
 interrupts.quit_on_signal()  # ^C or SIGTERM: one line, exit code 130 or 143, at once
 # -----------------------------------------------------------------------------
 checks.check_dtype(dtype)
-CONTENDERS = ['jax', 'torch eager', 'torch compiled']
-contenders = CONTENDERS if compare_torch else ['jax']
+CONTENDERS = ['jax'] + [f'{model} {how}' for model in ('nanoGPT', 'transformers') for how in ('eager', 'compiled')]
+if torch_model not in ('nanoGPT', 'transformers'):
+    die(f"torch_model={torch_model!r}: use 'nanoGPT' or 'transformers'")
+contenders = ['jax', f'{torch_model} eager', f'{torch_model} compiled'] if compare_torch else ['jax']
 if only:
-    if only not in CONTENDERS:
-        die(f"only={only!r}: use one of {', '.join(map(repr, CONTENDERS))}")
-    contenders = [only]
+    contenders = only.split(',')
+    if not set(contenders) <= set(CONTENDERS):
+        die(f"only={only!r}: use one or more of {', '.join(map(repr, CONTENDERS))}")
+if any(c.startswith('nanoGPT') for c in contenders) and not os.path.isfile(os.path.join(nanogpt_dir, 'model.py')):
+    die(f"nanogpt_dir={nanogpt_dir!r} holds no model.py: point --nanogpt_dir= at a nanoGPT checkout (git clone "
+        f"https://github.com/karpathy/nanoGPT), or time transformers' GPT-2 with --torch_model=transformers")
 
 
 def run_alone(contender, block_size, batch_size):
@@ -107,8 +117,9 @@ def bench_points():
             compiled = f", compiled {max(r['compiled_mib'] for r in runs):,.0f} MiB" if c == 'jax' else ""
             speed = f", jax {ms[c] / ms['jax']:.2f}x its iterations/s" if c != 'jax' and 'jax' in ms else ""
             tokens_per_s = gradient_accumulation_steps * batch_size * block_size / (ms[c] / 1000)  # at the median
+            spread = f", rounds {min(r['ms'] for r in runs):.1f}-{max(r['ms'] for r in runs):.1f} ms"
             print(f"{block_size} x {batch_size}: {c} {ms[c]:.1f} ms/iter, {tokens_per_s:,.0f} tokens/s, "
-                  f"peak RSS {max(r['rss_mib'] for r in runs):,.0f} MiB{compiled}{speed}")
+                  f"peak RSS {max(r['rss_mib'] for r in runs):,.0f} MiB{compiled}{speed}{spread}")
 
 
 if points:
@@ -176,13 +187,12 @@ def timed(fn):
 # -----------------------------------------------------------------------------
 # the training iteration of JAX and of PyTorch, on the same batches
 
-data = np.memmap(os.path.join(data_dir, 'train.bin'), dtype=np.uint16, mode='r') if real_data else None
-
-
 def get_batch(rng, shape):
-    """x, y (*shape, T) int32 of ga x batch_size rows: random windows of train.bin, or random tokens."""
-    n = ga * batch_size
+    """x, y (*shape, T) int32: random windows of train.bin, or random tokens. The memmap is opened
+    on every call, as both training scripts do."""
+    n = int(np.prod(shape))
     if real_data:
+        data = np.memmap(os.path.join(data_dir, 'train.bin'), dtype=np.uint16, mode='r')
         ix = rng.integers(0, len(data) - block_size, n)
         xy = np.stack([data[i:i + block_size + 1] for i in ix])
     else:
@@ -229,12 +239,23 @@ def jax_contender():
     return iteration, step.as_text(), compiled_bytes
 
 
-def torch_contender(compile):
-    """transformers' GPT2LMHeadModel of the same shape, trained as nanoGPT's train.py does: AdamW
-    with decay on the >= 2-dim weights, autocast to the compute dtype, global-norm clipping."""
-    import torch
+def nanogpt_model(torch):
+    """nanoGPT's own GPT of the bench's shape (nanogpt_dir/model.py) and the AdamW its
+    configure_optimizers makes; the loss of a batch as its forward computes it."""
+    spec = importlib.util.spec_from_file_location('nanogpt_model', os.path.join(nanogpt_dir, 'model.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.GPT(module.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                                        n_embd=n_embd, dropout=dropout, bias=bias)).to(device_type)
+    optimizer = model.configure_optimizers(OPTIMIZER['weight_decay'], OPTIMIZER['learning_rate'],
+                                           (OPTIMIZER['beta1'], OPTIMIZER['beta2']), device_type)
+    return model, optimizer, lambda forward, x, y: forward(x, y)[1]
+
+
+def transformers_model(torch):
+    """transformers' GPT2LMHeadModel of the bench's shape, with AdamW as nanoGPT's (decay on the
+    >= 2-dim weights); the loss of a batch as nanoGPT's forward computes it."""
     import transformers
-    torch.manual_seed(seed)
     hf = transformers.GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
                                  n_head=n_head, activation_function='gelu', resid_pdrop=dropout,
                                  embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=None, eos_token_id=None)
@@ -243,26 +264,45 @@ def torch_contender(compile):
               {'params': [p for p in model.parameters() if p.dim() < 2], 'weight_decay': 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=OPTIMIZER['learning_rate'], betas=(OPTIMIZER['beta1'], OPTIMIZER['beta2']),
                                   fused=device_type == 'cuda')
-    forward = torch.compile(model) if compile else model
-    autocast = torch.autocast(device_type, torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+    loss = lambda forward, x, y: torch.nn.functional.cross_entropy(forward(x).logits.view(-1, vocab_size), y.view(-1))
+    return model, optimizer, loss
+
+
+def torch_contender(name):
+    """The contender name ('nanoGPT eager', 'transformers compiled', ...) trained as nanoGPT's
+    train.py does: autocast to the compute dtype on a GPU, the next micro-batch read while the
+    backward pass runs, global-norm clipping, AdamW, and the loss read at every iteration, as its
+    log line (log_interval=1) does."""
+    import torch
+    model_name, how = name.split()
+    torch.manual_seed(seed)
+    model, optimizer, loss_of = (nanogpt_model if model_name == 'nanoGPT' else transformers_model)(torch)
+    forward = torch.compile(model) if how == 'compiled' else model
+    autocast = torch.autocast(device_type, torch.bfloat16) if dtype == 'bfloat16' and device_type != 'cpu' \
+        else nullcontext()
     rng = np.random.default_rng(seed)
+    micro_batch = lambda: [torch.from_numpy(a.astype(np.int64)).to(device_type) for a in get_batch(rng, (batch_size,))]
+    x, y = micro_batch()
 
     def iteration():
-        xs, ys = (torch.from_numpy(a).to(device_type) for a in get_batch(rng, (ga, batch_size)))
-        total = 0.0
-        for x, y in zip(xs, ys):
+        nonlocal x, y
+        for group in optimizer.param_groups:  # train.py sets the scheduled rate at every iteration
+            group['lr'] = OPTIMIZER['learning_rate']
+        for _ in range(ga):
             with autocast:
-                logits = forward(x).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().view(-1, vocab_size), y.reshape(-1).long())
-            (loss / ga).backward()
-            total += loss.item() / ga  # waits for the device, as float(loss) does for JAX
+                loss = loss_of(forward, x, y) / ga
+            x, y = micro_batch()
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIMIZER['grad_clip'])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return total
+        return loss.item() * ga  # the last micro-step's, as nanoGPT logs it
     t0 = time.perf_counter()
-    iteration()  # torch.compile compiles here
-    print(f"torch {'compiled' if compile else 'eager'}: first iteration {time.perf_counter() - t0:.2f} s")
+    with torch.no_grad(), autocast:
+        first_loss = loss_of(forward, x, y).item()  # torch.compile compiles its forward here
+    iteration()
+    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, loss at step 0 "
+          f"{first_loss:.4f}, first iteration {time.perf_counter() - t0:.2f} s")
     return iteration
 
 
@@ -311,12 +351,12 @@ def bench_training():
     iterations, compiled_bytes = {}, None
     if 'jax' in contenders:
         iterations['jax'], step_text, compiled_bytes = jax_contender()
-    if 'torch eager' in contenders:
-        iterations['torch eager'] = torch_contender(compile=False)
-    if 'torch compiled' in contenders:
+    for name in [c for c in contenders if c != 'jax']:
         try:
-            iterations['torch compiled'] = torch_contender(compile=True)
+            iterations[name] = torch_contender(name)
         except Exception as e:  # torch.compile needs a working C++ compiler on CPU, Triton on GPU
+            if 'compiled' not in name:
+                raise
             print(f"torch.compile failed, timing eager only: {type(e).__name__}: {str(e).splitlines()[0]}")
     for iteration in iterations.values():
         for _ in range(warmup_steps):
@@ -344,7 +384,9 @@ def bench_training():
     for name, t in times.items():
         dt = float(np.median(t))
         mfu = f"{flops / dt / (peak * n_devices) * 100:.1f}%" if peak and flops else "n/a (unknown device peak)"
-        print(f"{name}: {dt * 1000:.2f} ms/iter, {tokens / dt:,.0f} tokens/s, mfu {mfu}")
+        rounds_ms = [1000 * np.median(t[i:i + steps_per_round]) for i in range(0, len(t), steps_per_round)]
+        print(f"{name}: {dt * 1000:.2f} ms/iter, {tokens / dt:,.0f} tokens/s, mfu {mfu}, "
+              f"rounds {min(rounds_ms):.2f}-{max(rounds_ms):.2f} ms")
     for name in iterations:
         if name != 'jax' and 'jax' in iterations:
             print(f"jax / {name}: {np.median(times[name]) / np.median(times['jax']):.2f}x the iterations/s")
@@ -355,8 +397,8 @@ def bench_training():
         print(f"trace written to {profile_dir} (TensorBoard or ui.perfetto.dev); top XLA ops over the timed steps:")
         for name, ms in top_ops(profile_dir, step_text, profile_ops):
             print(f"{ms:8.3f} ms  {name}")
-    if only:  # for bench_points, which runs each contender alone
-        dt = float(np.median(times[only]))
+    if len(contenders) == 1:  # for bench_points, which runs each contender alone
+        dt = float(np.median(times[contenders[0]]))
         print(json.dumps({'ms': dt * 1000, 'rss_mib': rss / 2**20,
                           'compiled_mib': (compiled_bytes or 0) / 2**20}))
 

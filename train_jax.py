@@ -364,7 +364,7 @@ def wait_showing_progress(loss, expected):
     shown = '{desc}: {n} s of about {total} s' if expected else '{desc}: {n} s'
     with progress_bar(round(expected) if expected else None, f"iter {iter_num}", 's', shown) as bar:
         while not loss.is_ready():
-            time.sleep(0.25)
+            time.sleep(0.05)
             bar.update(int(time.time() - start) - bar.n)
 
 
