@@ -262,9 +262,9 @@ def test_help_lists_the_keys_with_their_defaults(script_env):
 
 def test_bench_says_a_step_too_big_for_memory_before_running_it(script_env):
     """bench_jax.py stops as train_jax.py does, rather than be killed by the kernel."""
-    code, stdout, stderr = run('bench_jax.py', ['config/train_shakespeare_char_cpu.py', '--vocab_size=50304',
-                                                '--block_size=2048', '--batch_size=4096', '--num_steps=1'],
-                               script_env)  # logits of 1.7 TB
+    code, stdout, stderr = run('bench_jax.py', ['--device=cpu', '--real_data=False', '--n_layer=1', '--n_head=2',
+                                                '--n_embd=32', '--vocab_size=50304', '--block_size=2048',
+                                                '--batch_size=4096', '--num_steps=1'], script_env)  # logits of 1.7 TB
     assert code == 1 and re.fullmatch(r"error: the training step needs [\d,.]+ GiB of memory \(2 CPU devices x "
                                       r"[\d,.]+ GiB\), more than the [\d,.]+ GiB available: try [^\n]+\n", stderr), stderr
     assert 'ms/iter' not in stdout
