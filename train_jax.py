@@ -335,7 +335,7 @@ def estimate_loss():
             losses = []
             for step in range(eval_layout[0]):
                 losses.append(eval_step(state, *tu.get_batch(mesh, data_path, starts[step:step + 1], block_size)))
-                jax.block_until_ready(losses[-2:-1])
+                jax.block_until_ready(losses[-1:] if one_step_in_flight else losses[-2:-1])
                 bar.update()
                 if not eval_only and processes.signal_received():
                     return None
@@ -533,3 +533,6 @@ while True:
     if iter_num > max_iters:
         break
 interrupts.quit_on_signal()  # the run is over: a stop now has nothing to wait for
+if wandb_log and master_process:
+    wandb.finish()
+processes.leave_together(0)  # now: a ^C during Python's own ending would find no one to answer it
