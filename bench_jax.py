@@ -239,7 +239,7 @@ def jax_contender():
     return iteration, step.as_text(), compiled_bytes
 
 
-def nanogpt_model(torch):
+def nanogpt_model():
     """nanoGPT's own GPT of the bench's shape (nanogpt_dir/model.py) and the AdamW its
     configure_optimizers makes; the loss of a batch as its forward computes it."""
     spec = importlib.util.spec_from_file_location('nanogpt_model', os.path.join(nanogpt_dir, 'model.py'))
@@ -252,9 +252,10 @@ def nanogpt_model(torch):
     return model, optimizer, lambda forward, x, y: forward(x, y)[1]
 
 
-def transformers_model(torch):
+def transformers_model():
     """transformers' GPT2LMHeadModel of the bench's shape, with AdamW as nanoGPT's (decay on the
     >= 2-dim weights); the loss of a batch as nanoGPT's forward computes it."""
+    import torch
     import transformers
     hf = transformers.GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
                                  n_head=n_head, activation_function='gelu', resid_pdrop=dropout,
@@ -276,7 +277,7 @@ def torch_contender(name):
     import torch
     model_name, how = name.split()
     torch.manual_seed(seed)
-    model, optimizer, loss_of = (nanogpt_model if model_name == 'nanoGPT' else transformers_model)(torch)
+    model, optimizer, loss_of = (nanogpt_model if model_name == 'nanoGPT' else transformers_model)()
     forward = torch.compile(model) if how == 'compiled' else model
     autocast = torch.autocast(device_type, torch.bfloat16) if dtype == 'bfloat16' and device_type != 'cpu' \
         else nullcontext()

@@ -81,7 +81,7 @@ def unknown_key(key, keys):
     return f"unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
-def a(type_):
+def type_name(type_):
     """'an int', 'a float': a type's name with its article."""
     name = type_.__name__
     return f"an {name}" if name[0] in 'aeiou' else f"a {name}"
@@ -102,7 +102,8 @@ def parse_value(key, text, default):
         value = text  # a plain string, e.g. --dataset=shakespeare_char
     typed = of_type(value, default)
     if typed is None:
-        die(f"--{key}={text}: expected {a(type(default))} like the default {default!r}, got {a(type(value))}")
+        die(f"--{key}={text}: expected {type_name(type(default))} like the default {default!r}, "
+            f"got {type_name(type(value))}")
     return typed
 
 
@@ -142,8 +143,8 @@ def run_config_file(path, config_globals, more_types, other_keys):
         if name in defaults:
             typed = of_type(value, defaults[name], more_types.get(name, ()))
             if typed is None:
-                die(f"{name} = {value!r} in config file {path}: expected {a(type(defaults[name]))} like the default "
-                    f"{defaults[name]!r}, got {a(type(value))}")
+                die(f"{name} = {value!r} in config file {path}: expected {type_name(type(defaults[name]))} like "
+                    f"the default {defaults[name]!r}, got {type_name(type(value))}")
             config_globals[name] = typed
         elif name not in before and name not in other_keys:
             die(f"{unknown_key(name, keys)} in config file {path}")

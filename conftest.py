@@ -23,6 +23,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get('NANOGPT_SHARED_DATA', os.path.join(REPO, '..', 'shared', 'data'))
 SHAKESPEARE = os.path.join(SHARED, 'tinyshakespeare', 'input.txt')
 TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken_cache')
+NANOGPT_DIR = os.path.join(REPO, '..', 'shared', 'reference', 'nanogpt')  # nanoGPT's model.py
 needs_shakespeare = pytest.mark.skipif(not os.path.exists(SHAKESPEARE),
                                        reason=f"offline data not found at {SHARED} (set NANOGPT_SHARED_DATA)")
 
@@ -137,7 +138,7 @@ def nanogpt_model():
     without it or without torch."""
     import importlib.util
     pytest.importorskip('torch')
-    path = os.path.join(REPO, '..', 'shared', 'reference', 'nanogpt', 'model.py')
+    path = os.path.join(NANOGPT_DIR, 'model.py')
     if not os.path.exists(path):
         pytest.skip(f"nanoGPT's model.py not found at {path}")
     spec = importlib.util.spec_from_file_location('nanogpt_model', path)

@@ -8,7 +8,7 @@ so each signal's line is on stderr at once.
     interrupts.quit_on_signal()      # training, until it has something to save
     ...
     interrupts.stop_at_safe_point("the compilation in progress")   # now: stop there, saving
-    if interrupts.requested(): save, then sys.exit(128 + interrupts.requested())
+    if interrupts.requested(): save, then interrupts.exit_now(128 + interrupts.requested())
 
 Once a program has a safe point to reach, the first signal only asks it to stop there; the
 second ends it at once, after the clean-ups registered with on_quit (a save half-written is
@@ -43,9 +43,11 @@ def quit_on_signal():
 
 def stop_at_safe_point(after):
     """From now on, the first ^C or SIGTERM asks the program to stop after `after` (a phrase: 'the
-    iteration in progress'), which it sees with requested(); the second ends it at once."""
+    iteration in progress'), which it sees with requested(); the second ends it at once. Called
+    again, it only says what the program is doing now."""
+    if watch['safe_point'] is None:
+        catch_signals()
     watch['safe_point'] = after
-    catch_signals()
 
 
 def requested():
@@ -82,7 +84,8 @@ def forget_signals():
 
 
 def watch_signals(receiver, sender):
-    """The thread's work: one line for each signal, and quitting when it is time."""
+    """The thread's work: one line for each signal, and quitting when it is time. It holds sender,
+    the wakeup fd's socket, so that it stays open."""
     while True:
         signum = receiver.recv(1)[0]
         if signum not in SIGNALS:

@@ -1,12 +1,9 @@
 """Tests of bench_jax.py: the training benchmark and its profile table, on a small model."""
-import os
 import re
 
 import numpy as np
 
-from conftest import REPO, run_script, cpu_devices, nanogpt_model
-
-NANOGPT = os.path.join(REPO, '..', 'shared', 'reference', 'nanogpt')  # nanoGPT's model.py
+from conftest import NANOGPT_DIR as NANOGPT, run_script, cpu_devices, nanogpt_model
 
 
 def test_bench_times_the_train_step_and_names_the_ops_of_its_profile(tmp_path, script_env):
