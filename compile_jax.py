@@ -220,9 +220,11 @@ def work(program, per, tokens, training):
 # compile what train_jax.py compiles, then sampling's programs, and measure each
 lowered = or_die(tu.lowered_steps, state, state_sharding, mesh, fsdp, block_size, eval_layout, train_layout,
                  dropout_key)
+eval_call = tu.eval_call_steps(eval_layout[0])
 tokens = {'the training step': train_layout[0] * train_layout[1] // len(devices) * block_size,
-          'evaluation': eval_layout[1] // len(devices) * block_size}
-per = {'the training step': 'per step', 'evaluation': f'per evaluation call ({eval_layout[0]} a split)'}
+          'evaluation': eval_call * eval_layout[1] // len(devices) * block_size}
+eval_calls = eval_layout[0] // eval_call
+per = {'the training step': 'per step', 'evaluation': f'per evaluation call ({eval_calls} a split)'}
 figures = {}
 for where in ('the training step', 'evaluation'):
     program = compile_program(where, lowered[where].compile)

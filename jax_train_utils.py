@@ -382,14 +382,21 @@ def make_eval_step(mesh=None, fsdp=False):
     return eval_loss_per_device
 
 
+def eval_call_steps(steps, most=8):
+    """How many of an evaluation's steps one call runs: the largest divisor of steps up to most, so
+    that a stop waits for a few batches only and the calls' overhead stays small beside them."""
+    return max(n for n in range(1, min(steps, most) + 1) if steps % n == 0)
+
+
 def lowered_steps(state, state_sharding, mesh, fsdp, block_size, eval_layout, train_layout=None, dropout_key=None):
     """The programs of a training run, lowered for the devices of mesh, which need not be at hand
     (state and dropout_key may be shapes, jax.ShapeDtypeStruct): {'evaluation': make_eval_step's
-    on one step of eval_layout (a call each, so that a stop need not wait for all of them), 'the
-    training step': make_train_step's on batches of train_layout, when given}. What train_jax.py
-    runs is what compile_jax.py measures."""
+    on eval_call_steps of eval_layout's steps (a call each, so that a stop need not wait for all of
+    them), 'the training step': make_train_step's on batches of train_layout, when given}. What
+    train_jax.py runs is what compile_jax.py measures."""
     batches = lambda layout: [batch_spec(mesh, layout, block_size)] * 2
-    lowered = {'evaluation': make_eval_step(mesh, fsdp).lower(state, *batches((1, eval_layout[1])))}
+    eval_call = (eval_call_steps(eval_layout[0]), eval_layout[1])
+    lowered = {'evaluation': make_eval_step(mesh, fsdp).lower(state, *batches(eval_call))}
     if train_layout is not None:
         step = make_train_step(state_sharding, mesh, fsdp)
         lowered['the training step'] = step.lower(state, *batches(train_layout), dropout_key)

@@ -326,17 +326,20 @@ if master_process:
 
 def estimate_loss():
     """Mean loss over eval_iters batches of each split, dropout off, on all devices; None when a stop
-    signal came first. A call a batch, one in flight, so that a stop waits for one batch only."""
+    signal came first. A few batches a call (see tu.eval_call_steps), one call in flight, so that a
+    stop waits for those only."""
     out = {}
+    per_call = tu.eval_call_steps(eval_layout[0])
     with progress_bar(2 * eval_layout[0], f"step {iter_num}: evaluating", ' batches') as bar:
         for split, stream in tu.EVAL_STREAMS.items():
             data_path = os.path.join(data_dir, f'{split}.bin')
             starts = tu.batch_starts(data_path, seed, iter_num, stream, eval_layout, block_size)
             losses = []
-            for step in range(eval_layout[0]):
-                losses.append(eval_step(state, *tu.get_batch(mesh, data_path, starts[step:step + 1], block_size)))
+            for step in range(0, eval_layout[0], per_call):
+                batch = tu.get_batch(mesh, data_path, starts[step:step + per_call], block_size)
+                losses.append(eval_step(state, *batch))
                 jax.block_until_ready(losses[-1:] if one_step_in_flight else losses[-2:-1])
-                bar.update()
+                bar.update(per_call)
                 if not eval_only and processes.signal_received():
                     return None
             out[split] = float(np.mean([float(loss) for loss in losses]))
