@@ -320,8 +320,6 @@ except ValueError as e:  # an attention that cannot run here
 eval_step = compile_to_fit('evaluation', lowered['evaluation'])
 if not eval_only:
     train_step = compile_to_fit('the training step', lowered['the training step'])
-if master_process:
-    print(f"compiled in {time.time() - compile_start:.1f} s")
 
 
 def estimate_loss():
@@ -447,6 +445,12 @@ running_mfu = -1.0
 iter_seconds, eval_seconds = None, 0.0  # the last log's time per iteration, the last evaluation's
 if not eval_only and processes.signal_received():  # during the compilation
     stop_for(processes.signal_received())
+if not eval_only and iter_num % eval_interval == 0:  # a stop from now on waits for what comes first
+    interrupts.stop_at_safe_point("the evaluation batch in progress")
+elif not eval_only:
+    stop_after_the_iteration()
+if master_process:
+    print(f"compiled in {time.time() - compile_start:.1f} s")
 while True:
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0 or eval_only:  # eval_only evaluates once, at any iteration
