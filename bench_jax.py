@@ -26,6 +26,8 @@ from contextlib import nullcontext
 
 import numpy as np
 
+import host_memory
+host_memory.use_huge_pages()  # first, as in train_jax.py: it restarts the process when glibc has to be told
 import checks
 import interrupts
 from configurator import configure, die, quiet_on_closed_pipe, script_defaults
@@ -90,7 +92,9 @@ def run_alone(contender, block_size, batch_size):
     of its own, so that the peak memory is that contender's alone."""
     args = sys.argv[1:] + [f'--block_size={block_size}', f'--batch_size={batch_size}', f'--only={contender}',
                            '--points=']
-    p = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, capture_output=True, text=True)
+    # PyTorch with the C library's memory settings as nanoGPT's train.py runs with them, not this script's
+    env = os.environ if contender == 'jax' else host_memory.without_huge_pages(os.environ)
+    p = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         die(f"{contender} at block_size={block_size}, batch_size={batch_size} failed: "
             f"{(p.stderr.strip().splitlines() or ['no message'])[-1]}")
@@ -220,6 +224,7 @@ def jax_contender():
     t0 = time.perf_counter()
     step = tu.make_train_step(None, mesh).lower(state, x, y, key).compile()
     print(f"jax: compile {time.perf_counter() - t0:.2f} s, {count_params(params) / 1e6:.2f}M parameters")
+    host_memory.release_free_memory()  # as train_jax.py does after compiling
     # a step that cannot fit stops here, as train_jax.py's does, rather than when the kernel kills it
     state_bytes = sum(getattr(a, 'nbytes', 0) for a in jax.tree.leaves(state))  # replicated: whole on each device
     advice = memory.memory_advice('the training step', remat, False, attention, len(devices), False)

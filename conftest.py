@@ -19,6 +19,8 @@ import sys
 
 import pytest
 
+import host_memory
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get('NANOGPT_SHARED_DATA', os.path.join(REPO, '..', 'shared', 'data'))
 SHAKESPEARE = os.path.join(SHARED, 'tinyshakespeare', 'input.txt')
@@ -65,9 +67,10 @@ def script_env(tmp_path_factory):
     compilation cache for the session, in a temporary folder, so that the same small models compile
     once (tests of the cache itself bring their own). The project's modules are compiled to bytecode
     once, not at each of the suite's ~170 script starts (0.17 s each), whatever PYTHONDONTWRITEBYTECODE
-    the machine sets."""
+    the machine sets. glibc's huge pages are set from the start, as host_memory.use_huge_pages would
+    set them, without the restart (test_host_memory.py tests that)."""
     environ = {k: v for k, v in os.environ.items() if k != 'PYTHONDONTWRITEBYTECODE'}
-    return dict(environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE,
+    return dict(environ, GLIBC_TUNABLES=host_memory.HUGE_PAGES, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE,
                 HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', WANDB_MODE='offline',
                 JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')

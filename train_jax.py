@@ -12,6 +12,8 @@ and on the second: the same with JAX_PROCESS_ID=1. Under SLURM, Open MPI or on a
 this is found out automatically.
 """
 
+import host_memory
+host_memory.use_huge_pages()  # first: it restarts the process when glibc has to be told (host_memory.py)
 import interrupts
 interrupts.quit_on_signal()  # ^C or SIGTERM end the run at once until it has something to save
 
@@ -320,6 +322,7 @@ except ValueError as e:  # an attention that cannot run here
 eval_step = compile_to_fit('evaluation', lowered['evaluation'])
 if not eval_only:
     train_step = compile_to_fit('the training step', lowered['the training step'])
+host_memory.release_free_memory()  # what compiling took, before the steps take theirs
 
 
 def estimate_loss():
