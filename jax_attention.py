@@ -259,9 +259,9 @@ def attention(q, k, v, dropout_rate, dropout_key, implementation, platform, cudn
     - cuDNN runs on NVIDIA GPUs of compute capability 8.0 or more (cudnn), in bfloat16 or float16,
       head sizes multiples of 8 up to 128, without dropout;
     - flash on TPUs, without dropout, on each device's own rows (a kernel XLA cannot split);
-    - 'auto' takes cuDNN or flash where they run; else on a CPU, blockwise from T = 64 once a
+    - 'auto' takes cuDNN or flash where they run; else on a CPU, blockwise above T = 64 once a
       device's B * nh * T * T scores outgrow 2^19 floats (2 MiB, the L2 cache of the AMD EPYC
-      measured), and dense below, where it measured faster (docs/performance.md); on GPUs and TPUs,
+      measured), and dense otherwise, where it measured faster (docs/performance.md); on GPUs and TPUs,
       dense as long as a device's float32 scores of a layer stay under 1 GiB, blockwise beyond."""
     B, T, nh, hs = q.shape
     B = max(1, B // batch_shards)  # one device's rows
@@ -278,7 +278,7 @@ def attention(q, k, v, dropout_rate, dropout_key, implementation, platform, cudn
         if why_not['cudnn'] is None or why_not['flash'] is None:
             implementation = 'cudnn' if why_not['cudnn'] is None else 'flash'
         elif platform == 'cpu':
-            implementation = 'blockwise' if T >= 64 and B * nh * T * T > 2 ** 19 else 'dense'
+            implementation = 'blockwise' if T > 64 and B * nh * T * T > 2 ** 19 else 'dense'
         else:
             implementation = 'blockwise' if 4 * B * nh * T * T > 2 ** 30 else 'dense'
     if implementation not in IMPLEMENTATIONS:

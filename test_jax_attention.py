@@ -149,9 +149,11 @@ def chosen(monkeypatch):
 
 @pytest.mark.parametrize('B, T, rate, want', [
     (12, 64, 0.0, 'dense'),  # the CPU config: 12 * 4 * 64 * 64 scores, in cache
-    (128, 64, 0.0, 'blockwise'),
-    (128, 64, 0.2, 'blockwise'),
-    (512, 32, 0.0, 'dense'),  # T below 64 runs dense, however many scores
+    (128, 64, 0.0, 'dense'),  # T up to 64 runs dense, however many scores
+    (128, 64, 0.2, 'dense'),
+    (512, 32, 0.0, 'dense'),
+    (32, 128, 0.0, 'blockwise'),
+    (32, 128, 0.2, 'blockwise'),
     (2, 256, 0.2, 'dense'),  # 2^19 scores
     (3, 256, 0.2, 'blockwise'),
 ])
