@@ -70,8 +70,8 @@ def script_env(tmp_path_factory):
     the machine sets. glibc's huge pages are set from the start, as host_memory.use_huge_pages would
     set them, without the restart (test_host_memory.py tests that)."""
     environ = {k: v for k, v in os.environ.items() if k != 'PYTHONDONTWRITEBYTECODE'}
-    return dict(environ, GLIBC_TUNABLES=host_memory.HUGE_PAGES, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE,
-                HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', WANDB_MODE='offline',
+    return dict(environ, GLIBC_TUNABLES=host_memory.HUGE_PAGES, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
+                TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', WANDB_MODE='offline',
                 JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
 

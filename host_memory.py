@@ -34,6 +34,13 @@ def huge_pages_on_request():
         return False
 
 
+def huge_pages_settable():
+    """Whether glibc can be told to use transparent huge pages here: Linux, glibc 2.35 or later, and
+    a kernel that gives them on request."""
+    return (sys.platform.startswith('linux') and (glibc_version() or (0, 0)) >= (2, 35)
+            and huge_pages_on_request())
+
+
 def use_huge_pages():
     """Restart this process (the same command line, the same process id) with glibc told to back the
     memory it maps with transparent huge pages, which it reads from GLIBC_TUNABLES only when a process
@@ -41,8 +48,7 @@ def use_huge_pages():
     glibc 2.35 or later, when the kernel's huge pages are not on request, or when GLIBC_TUNABLES says
     already what to do with them (glibc.malloc.hugetlb=0 keeps them off)."""
     tunables = os.environ.get('GLIBC_TUNABLES', '')
-    if (not sys.platform.startswith('linux') or (glibc_version() or (0, 0)) < (2, 35)
-            or 'glibc.malloc.hugetlb' in tunables or not huge_pages_on_request()):
+    if 'glibc.malloc.hugetlb' in tunables or not huge_pages_settable():
         return
     os.environ['GLIBC_TUNABLES'] = f'{tunables}:{HUGE_PAGES}' if tunables else HUGE_PAGES
     sys.stdout.flush()

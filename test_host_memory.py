@@ -9,14 +9,12 @@ import textwrap
 import pytest
 
 import host_memory
+from conftest import REPO
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 2 ** 20
 
-needs_huge_pages = pytest.mark.skipif(
-    not sys.platform.startswith('linux') or (host_memory.glibc_version() or (0, 0)) < (2, 35)
-    or not host_memory.huge_pages_on_request(),
-    reason="transparent huge pages on request (madvise) and glibc >= 2.35")
+needs_huge_pages = pytest.mark.skipif(not host_memory.huge_pages_settable(),
+                                      reason="transparent huge pages on request (madvise) and glibc >= 2.35")
 
 # a script that says who it is at its start, then touches 64 MiB of malloc'd memory and counts the faults
 FAULTS = textwrap.dedent("""
@@ -35,7 +33,7 @@ FAULTS = textwrap.dedent("""
 
 
 def run_faults(env):
-    p = subprocess.run([sys.executable, '-c', FAULTS, 'an', 'argument'], cwd=HERE, env=env, capture_output=True,
+    p = subprocess.run([sys.executable, '-c', FAULTS, 'an', 'argument'], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     starts = [line.split()[1] for line in p.stdout.splitlines() if line.startswith('start')]
@@ -75,7 +73,7 @@ def test_release_free_memory_gives_back_what_glibc_kept():
         host_memory.release_free_memory()
         print(kept, rss())
     """)
-    p = subprocess.run([sys.executable, '-c', script], cwd=HERE, capture_output=True, text=True, timeout=60)
+    p = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     kept, released = map(int, p.stdout.split())
     assert kept - released > 200, (kept, released)  # of the 256 MiB freed
